@@ -1,0 +1,83 @@
+"""Checks of the composed config, so bad input fails at once with a message naming the key."""
+
+import numbers
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from da_runner.errors import UserError
+from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
+
+# Keys a resumed run takes from the new command line instead of the checkpoint: they change where
+# and how the run is shown, never what it computes.
+RUNTIME_KEYS = ("resume", "device", "trainer.progress")
+
+
+def _get(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, throw_on_missing=True)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise UserError for the first invalid key, naming the key, the rule and the value given."""
+    positive_ints = ["trainer.max_steps", "trainer.batch_size", "trainer.eval_every", "trainer.ckpt_every",
+                     "trainer.log_every", "trainer.eval_batch_size"]
+    for key in positive_ints:
+        value = _get(cfg, key)
+        if not _is_int(value) or value <= 0:
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
+    for key in ["optim.lr"]:
+        value = _get(cfg, key)
+        if not _is_number(value) or value <= 0:
+            raise UserError(f"{key} must be a number > 0, got {value!r}")
+    for key in ["optim.weight_decay"]:
+        value = _get(cfg, key)
+        if not _is_number(value) or value < 0:
+            raise UserError(f"{key} must be a number >= 0, got {value!r}")
+    if not _is_number(cfg.grl.hi):
+        raise UserError(f"grl.hi must be a number, got {cfg.grl.hi!r}")
+    if cfg.grl.name not in GRL_SCHEDULES:
+        raise UserError(f"grl.name must be one of {', '.join(GRL_SCHEDULES)}, got {cfg.grl.name!r}")
+    if cfg.optim.schedule not in LR_SCHEDULES:
+        raise UserError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if not _is_int(cfg.seed):
+        raise UserError(f"seed must be an integer, got {cfg.seed!r}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        raise UserError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not isinstance(cfg.resume, bool):
+        raise UserError(f"resume must be true or false, got {cfg.resume!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when a GPU is visible, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def differences(a: DictConfig, b: DictConfig, ignore=RUNTIME_KEYS) -> list[str]:
+    """Dotted keys whose values differ between two configs (ignoring `ignore`)."""
+    flat_a = flatten(OmegaConf.to_container(a, resolve=True))
+    flat_b = flatten(OmegaConf.to_container(b, resolve=True))
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

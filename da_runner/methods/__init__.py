@@ -1,0 +1,16 @@
+"""UDA methods, one file each, registered by their config name."""
+
+from da_runner.errors import UserError
+from da_runner.methods import dann, source_only  # noqa: F401  (importing registers them)
+from da_runner.methods.base import Batch, Method, StepContext
+from da_runner.methods.registry import METHODS, register
+
+
+def build_method(cfg, input_shape: tuple[int, ...], num_classes: int) -> Method:
+    name = cfg.method.name
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, input_shape, num_classes)
+
+
+__all__ = ["Batch", "METHODS", "Method", "StepContext", "build_method", "register"]

@@ -1,0 +1,188 @@
+"""The one training loop. It knows schedules, data streams, evaluation and checkpoints; it does not
+know which method it runs: everything method-specific happens inside `method.step`."""
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from da_runner import checkpoint
+from da_runner.config import differences, resolve_device, validate
+from da_runner.data import BatchStream, build_pair
+from da_runner.errors import UserError
+from da_runner.evaluation import accuracy
+from da_runner.logging import RunLogger
+from da_runner.methods import Batch, StepContext, build_method
+from da_runner.schedules import grl_lambda, lr_factor
+
+log = logging.getLogger(__name__)
+
+# Label-free model selection: best.pt is the checkpoint with the highest held-out *source* accuracy.
+# Target labels are used only to report accuracy, never to choose.
+SELECT_BY = "source_acc"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path) -> DictConfig:
+    """A resumed run continues with the configuration it started with; runtime keys come from `cfg`."""
+    saved = OmegaConf.create(state["config"])
+    changed = differences(saved, cfg)
+    if changed:
+        log.warning("resume: keeping the run's saved configuration; ignoring new values for %s", ", ".join(changed))
+    for key in ("device", "trainer.progress"):
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
+    saved.resume = True
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if hydra_config.exists():  # Hydra just overwrote it with the new command line's composition
+        OmegaConf.save(saved, hydra_config)
+    return saved
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Train `cfg.method` on `cfg.data`, writing TensorBoard events, checkpoints and metrics to run_dir.
+
+    Returns the final metrics (also written to run_dir/metrics.json).
+    """
+    start_time = time.perf_counter()
+    run_dir = Path(run_dir)
+    last_path, best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    resumed = None
+    if cfg.resume:
+        if not last_path.is_file():
+            raise UserError(f"resume=true but there is no checkpoint at {last_path}; "
+                            f"point hydra.run.dir at the run directory to resume")
+        resumed = checkpoint.load(last_path)
+        cfg = _config_for_resume(cfg, resumed, run_dir)
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    tcfg = cfg.trainer
+    max_steps = int(tcfg.max_steps)
+
+    seed_everything(int(cfg.seed))
+    pair = build_pair(cfg.data).to(device)
+    for split in ("source_train", "target_train"):
+        if tcfg.batch_size > len(getattr(pair, split)):
+            raise UserError(f"trainer.batch_size={tcfg.batch_size} is larger than the {len(getattr(pair, split))} "
+                            f"samples of {split} in data={pair.name}")
+    method = build_method(cfg, pair.input_shape, pair.num_classes).to(device)
+    method.train()
+    # Each domain's batches come from a generator of its own, so adding a method that draws random
+    # numbers (dropout, random matrices) never changes which samples a run sees.
+    source = BatchStream(pair.source_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1)
+    target = BatchStream(pair.target_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2)
+
+    start_step, best, last_eval, train_time = 0, {"score": -math.inf}, None, 0.0
+    if resumed is not None:
+        method.load_checkpoint_state(resumed["method"])
+        source.load_state_dict(resumed["streams"]["source"])
+        target.load_state_dict(resumed["streams"]["target"])
+        checkpoint.set_rng_state(resumed["rng"])
+        start_step, best, last_eval = resumed["step"], resumed["best"], resumed["last_eval"]
+        train_time = resumed["train_time_s"]
+        log.info("resuming %s from step %d of %d", run_dir, start_step, max_steps)
+
+    def state_at(step: int) -> dict:
+        return {
+            "step": step,
+            "method": method.checkpoint_state(),
+            "streams": {"source": source.state_dict(), "target": target.state_dict()},
+            "rng": checkpoint.rng_state(),
+            "best": best,
+            "last_eval": last_eval,
+            "train_time_s": train_time,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+
+    logger = RunLogger(run_dir, start_step)
+    if start_step == 0 and pair.is_image:
+        logger.images("data/source_samples", pair.source_train.x[:32].float() / 255)
+        logger.images("data/target_samples", pair.target_train.x[:32].float() / 255)
+
+    bar = tqdm(total=max_steps, initial=start_step, desc=f"{cfg.method.name} on {pair.name}",
+               disable=not tcfg.progress, dynamic_ncols=True, mininterval=0.5)
+    loop_start = time.perf_counter()
+    outside_loop = 0.0  # seconds spent evaluating and checkpointing, excluded from the steps/s figure
+    for step in range(start_step, max_steps):
+        p = step / max_steps
+        ctx = StepContext(step=step, max_steps=max_steps, progress=p, grl_lambda=grl_lambda(p, cfg.grl),
+                          lr=float(cfg.optim.lr) * lr_factor(p, cfg.optim))
+        for optimizer in method.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = ctx.lr * group.get("lr_mult", 1.0)
+
+        x_s, y_s = next(source)
+        x_t, _ = next(target)  # target labels are dropped here: methods never see them
+        terms = method.step(Batch(x_s=x_s, y_s=y_s, x_t=x_t), ctx)
+        done = step + 1
+        bar.update(1)
+
+        if done % tcfg.log_every == 0 or done == max_steps:
+            # .item() waits for the device, so it happens only on logging steps.
+            values = {k: float(v) for k, v in terms.items()}
+            logger.scalars("train", {**values, "grl_lambda": ctx.grl_lambda, "lr": ctx.lr}, done)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{ctx.grl_lambda:.2f}",
+                            tgt_acc="-" if last_eval is None else f"{last_eval['target_acc']:.3f}", refresh=False)
+
+        eval_now = done % tcfg.eval_every == 0 or done == max_steps
+        ckpt_now = done % tcfg.ckpt_every == 0 or done == max_steps
+        if eval_now or ckpt_now:
+            pause = time.perf_counter()
+            if eval_now:
+                last_eval = {
+                    "step": done,
+                    "source_acc": accuracy(method, pair.source_val, int(tcfg.eval_batch_size)),
+                    "target_acc": accuracy(method, pair.target_test, int(tcfg.eval_batch_size)),
+                }
+                logger.evaluation(last_eval)
+                # >=: among equal scores prefer the later, more adapted checkpoint.
+                if last_eval[SELECT_BY] >= best["score"]:
+                    best = {"score": last_eval[SELECT_BY], **last_eval}
+                    checkpoint.save(state_at(done), best_path)
+            if ckpt_now:
+                train_time += pause - loop_start - outside_loop
+                loop_start, outside_loop = time.perf_counter(), 0.0
+                checkpoint.save(state_at(done), last_path)
+            else:
+                outside_loop += time.perf_counter() - pause
+    bar.close()
+
+    metrics = {
+        "method": cfg.method.name,
+        "data": pair.name,
+        "step": max_steps,
+        "source_acc": last_eval["source_acc"],
+        "target_acc": last_eval["target_acc"],
+        "selected_by": SELECT_BY,
+        "selected_step": best["step"],
+        "selected_source_acc": best["source_acc"],
+        "selected_target_acc": best["target_acc"],
+        "train_time_s": round(train_time, 3),
+        "train_steps_per_s": round(max_steps / train_time, 2) if train_time > 0 else None,
+        "wall_time_s": round(time.perf_counter() - start_time, 3),
+    }
+    _write_json(run_dir / "metrics.json", metrics)
+    logger.hparams(cfg, {k: metrics[k] for k in ("target_acc", "source_acc", "selected_target_acc", "step")})
+    logger.close()
+    log.info("done: target_acc %.4f, source_acc %.4f, selected (by %s, step %d) target_acc %.4f -> %s",
+             metrics["target_acc"], metrics["source_acc"], SELECT_BY, metrics["selected_step"],
+             metrics["selected_target_acc"], run_dir)
+    return metrics
