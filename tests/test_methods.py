@@ -1,0 +1,115 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from da_runner.methods import METHODS, Batch, StepContext, build_method
+from da_runner.data import BatchStream, build_pair
+from conftest import TINY_DIGITS, TINY_TOY, make_cfg
+
+
+def ctx(lam=0.5, lr=0.1, step=0):
+    return StepContext(step=step, max_steps=10, progress=step / 10, grl_lambda=lam, lr=lr)
+
+
+def set_lr(method, lr):
+    for opt in method.optimizers.values():
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    return Batch(x_s=torch.randn(4, 2, generator=g), y_s=torch.tensor([0, 1, 1, 0]), x_t=torch.randn(3, 2, generator=g))
+
+
+def mlp_forward(x, layers, final_relu):
+    """Linear layers with ReLU in between (and after the last one if final_relu)."""
+    for i, (w, b) in enumerate(layers):
+        x = x @ w.T + b
+        if i < len(layers) - 1 or final_relu:
+            x = x.clamp_min(0)
+    return x
+
+
+def linears(module):
+    return [(m.weight, m.bias) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("domain_outputs", [1, 2])
+def test_dann_loss_and_update_match_hand_computation(domain_outputs):
+    torch.manual_seed(0)
+    cfg = make_cfg("method=dann", "data=toy2d", "backbone=mlp", "backbone.hidden=[5]", "backbone.domain_head=[4]",
+                   f"method.domain_outputs={domain_outputs}", "optim.momentum=0.0")
+    method = build_method(cfg, (2,), 2)
+    before = copy.deepcopy(method)
+    batch, lam, lr = fixed_batch(), 0.7, 0.05
+    set_lr(method, lr)
+    out = method.step(batch, ctx(lam=lam, lr=lr))
+
+    # By hand, from the parameters before the step.
+    params = {n: p.detach().clone().requires_grad_() for n, p in before.named_parameters()}
+    feats = [(params[f"features.net.{i}.weight"], params[f"features.net.{i}.bias"]) for i in (1,)]
+    f = mlp_forward(torch.cat([batch.x_s, batch.x_t]), feats, final_relu=True)
+    cls = [(params["classifier.0.weight"], params["classifier.0.bias"])]
+    logits = mlp_forward(f[:4], cls, final_relu=False)
+    log_p = logits - logits.exp().sum(1, keepdim=True).log()
+    loss_cls = -log_p[torch.arange(4), batch.y_s].mean()
+    disc = [(params["discriminator.0.weight"], params["discriminator.0.bias"]),
+            (params["discriminator.2.weight"], params["discriminator.2.bias"])]
+    d = mlp_forward(f, disc, final_relu=False)
+    is_source = torch.tensor([1.0] * 4 + [0.0] * 3)
+    if domain_outputs == 1:
+        prob = 1 / (1 + torch.exp(-d[:, 0]))
+        loss_dom = -(is_source * prob.log() + (1 - is_source) * (1 - prob).log()).mean()
+        acc = ((prob > 0.5).float() == is_source).float().mean()
+    else:
+        log_q = d - d.exp().sum(1, keepdim=True).log()
+        loss_dom = -log_q[torch.arange(7), is_source.long()].mean()
+        acc = (d.argmax(1) == is_source.long()).float().mean()
+    assert out["loss_cls"].item() == pytest.approx(loss_cls.item(), abs=1e-6)
+    assert out["loss_domain"].item() == pytest.approx(loss_dom.item(), abs=1e-6)
+    assert out["loss"].item() == pytest.approx((loss_cls + loss_dom).item(), abs=1e-6)
+    assert out["domain_acc"].item() == pytest.approx(acc.item())
+
+    # The update: the classifier and discriminator descend their own losses; the features descend
+    # the classification loss and *ascend* lambda times the domain loss (the reversed gradient).
+    g_cls = dict(zip(params, torch.autograd.grad(loss_cls, list(params.values()), allow_unused=True, retain_graph=True)))
+    g_dom = dict(zip(params, torch.autograd.grad(loss_dom, list(params.values()), allow_unused=True)))
+    after = dict(method.named_parameters())
+    for name, p0 in params.items():
+        zero = torch.zeros_like(p0)
+        gc, gd = g_cls[name] if g_cls[name] is not None else zero, g_dom[name] if g_dom[name] is not None else zero
+        grad = gc - lam * gd if name.startswith("features") else gc + gd
+        assert torch.allclose(after[name], p0 - lr * grad, atol=1e-6), name
+
+
+def test_source_only_ignores_the_target():
+    torch.manual_seed(0)
+    cfg = make_cfg("method=source_only", *TINY_TOY)
+    a = build_method(cfg, (2,), 2)
+    b = copy.deepcopy(a)
+    batch = fixed_batch()
+    a.step(batch, ctx())
+    b.step(Batch(batch.x_s, batch.y_s, torch.randn(9, 2)), ctx())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("data", ["digits", "toy"])
+def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
+    torch.manual_seed(0)
+    cfg = make_cfg(f"method={name}", *(TINY_DIGITS if data == "digits" else TINY_TOY))
+    pair = build_pair(cfg.data)
+    method = build_method(cfg, pair.input_shape, pair.num_classes)
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
+    for step in range(5):
+        x_s, y_s = next(src)
+        out = method.step(Batch(x_s, y_s, next(tgt)[0]), ctx(step=step, lr=0.01))
+        assert {"loss", "loss_cls"} <= set(out) and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
+    changed = [n for n, p in method.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == list(before)  # every parameter moved
+    logits = method.predict(pair.target_test.batch(torch.arange(5))[0])
+    assert logits.shape == (5, pair.num_classes)

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from da_runner.errors import UserError
+from da_runner.methods.dann import DANN
+from da_runner.trainer import train
+from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
+
+REQUIRED_TAGS = ["train/loss", "train/loss_cls", "train/loss_domain", "train/domain_acc", "train/grl_lambda",
+                 "train/lr", "eval/source_acc", "eval/target_acc"]
+
+
+def scalar_tags(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_run_dir_contents(tmp_path):
+    cfg = make_cfg(*TINY_DIGITS, "trainer.max_steps=12", "trainer.eval_every=5", "trainer.ckpt_every=5",
+                   "trainer.log_every=2")
+    metrics = train(cfg, tmp_path)
+    assert metrics == read_metrics(tmp_path)
+    assert metrics["step"] == 12 and 0 <= metrics["target_acc"] <= 1 and 0 <= metrics["source_acc"] <= 1
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [5, 10, 12]
+    assert history[-1]["target_acc"] == metrics["target_acc"]
+    # best.pt is the evaluation with the highest source accuracy (latest among ties), never chosen by target
+    best = max(history, key=lambda h: (h["source_acc"], h["step"]))
+    assert metrics["selected_step"] == best["step"] and metrics["selected_target_acc"] == best["target_acc"]
+    assert load_ckpt(tmp_path / "checkpoints" / "best.pt")["step"] == best["step"]
+    assert load_ckpt(tmp_path / "checkpoints" / "last.pt")["step"] == 12
+
+    events = scalar_tags(tmp_path)
+    tags = events.Tags()
+    assert set(REQUIRED_TAGS) <= set(tags["scalars"])
+    assert {"data/source_samples", "data/target_samples"} <= set(tags["images"])
+    assert [e.step for e in events.Scalars("eval/target_acc")] == [5, 10, 12]
+    lam = [e.value for e in events.Scalars("train/grl_lambda")]
+    assert lam[0] < lam[-1] <= 1.0  # Ganin's schedule rises
+    # the hparams row: plugin data for the hparams dashboard plus the final metrics
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["method.name"].string_value == "dann" and hparams["trainer.max_steps"].number_value == 12
+    assert events.Scalars("hparam/target_acc")[-1].value == pytest.approx(metrics["target_acc"])
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    train(make_cfg(*TINY_TOY, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3"), tmp_path)
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(tmp_path / "checkpoints" / name, weights_only=True)
+        assert {"step", "method", "streams", "rng", "config"} <= set(state)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_same_seed_same_result_and_other_seed_differs(tmp_path):
+    args = [*TINY_DIGITS, "trainer.max_steps=8", "trainer.eval_every=8"]
+    a = train(make_cfg(*args), tmp_path / "a")
+    b = train(make_cfg(*args), tmp_path / "b")
+    c = train(make_cfg(*args, "seed=1"), tmp_path / "c")
+    wa, wb, wc = (load_ckpt(tmp_path / r / "checkpoints" / "last.pt")["method"]["modules"] for r in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["target_acc"] == b["target_acc"]
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [7, 10])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, crash_at):
+    args = [*TINY_DIGITS, "trainer.max_steps=12", "trainer.eval_every=3", "trainer.ckpt_every=4",
+            "trainer.log_every=1"]
+    reference = train(make_cfg(*args), tmp_path / "ref")
+
+    original_step = DANN.step
+
+    def crashing_step(self, batch, ctx):
+        if ctx.step == crash_at:
+            raise Crash
+        return original_step(self, batch, ctx)
+
+    monkeypatch.setattr(DANN, "step", crashing_step)
+    with pytest.raises(Crash):
+        train(make_cfg(*args), tmp_path / "run")
+    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4 * (crash_at // 4)
+    monkeypatch.setattr(DANN, "step", original_step)
+    resumed = train(make_cfg(*args, "resume=true"), tmp_path / "run")
+
+    for key in ("target_acc", "source_acc", "selected_target_acc", "selected_step", "step"):
+        assert resumed[key] == reference[key]
+    ref_state = load_ckpt(tmp_path / "ref" / "checkpoints" / "last.pt")
+    new_state = load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")
+    for k, v in ref_state["method"]["modules"].items():
+        assert torch.equal(v, new_state["method"]["modules"][k]), k
+    ref_hist = (tmp_path / "ref" / "metrics.jsonl").read_text()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ref_hist
+
+
+def test_resume_keeps_the_saved_config(tmp_path):
+    train(make_cfg(*TINY_TOY, "trainer.max_steps=4", "grl=constant"), tmp_path)
+    # a bare `resume=true` composes the default grl; the run must go on with the one it started with
+    metrics = train(make_cfg(*TINY_TOY, "trainer.max_steps=4", "resume=true"), tmp_path)
+    assert load_ckpt(tmp_path / "checkpoints" / "last.pt")["config"]["grl"]["name"] == "constant"
+    assert metrics["step"] == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=0", "trainer.max_steps must be a positive integer, got 0"),
+    ("trainer.max_steps=-5", "trainer.max_steps must be a positive integer, got -5"),
+    ("trainer.max_steps=abc", "trainer.max_steps must be a positive integer, got 'abc'"),
+    ("trainer.batch_size=0", "trainer.batch_size must be a positive integer, got 0"),
+    ("optim.lr=-0.1", "optim.lr must be a number > 0, got -0.1"),
+    ("optim.lr=0", "optim.lr must be a number > 0, got 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
+    ("device=tpu", "device must be auto, cpu or cuda"),
+    ("trainer.batch_size=100000", "trainer.batch_size=100000 is larger than"),
+])
+def test_invalid_config_names_key_and_rule(tmp_path, override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        train(make_cfg(*TINY_TOY, override), tmp_path)
+
+
+def test_resume_without_checkpoint_names_the_path(tmp_path):
+    with pytest.raises(UserError, match=str(tmp_path / "checkpoints" / "last.pt")):
+        train(make_cfg(*TINY_TOY, "resume=true"), tmp_path)
+
+
+def test_corrupt_checkpoint_is_reported_as_corrupt(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="is corrupt"):
+        train(make_cfg(*TINY_TOY, "resume=true"), tmp_path)
