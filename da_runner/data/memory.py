@@ -18,8 +18,8 @@ class InMemoryDomain:
     y: torch.Tensor
     mean: tuple[float, ...] = ()  # per-channel normalisation of uint8 images (after scaling to [0, 1])
     std: tuple[float, ...] = ()
-    _mean: torch.Tensor | None = field(default=None, repr=False)
-    _std: torch.Tensor | None = field(default=None, repr=False)
+    _mean: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _std: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if len(self.x) != len(self.y):
