@@ -1,17 +1,22 @@
-"""Datasets and domain pairs. `build_pair(cfg.data)` returns the pair named by `data.name`."""
+"""Datasets and domain pairs. `build_pair(cfg.data)` calls the builder named by `data._target_`
+(a function taking the `data` config node and returning a DomainPair), so a new pair is a new
+config file, and a new kind of data one function."""
 
-from da_runner.data.embedded import build_embedded_digits
+from hydra.utils import get_method
+
 from da_runner.data.memory import BatchStream, DomainPair, InMemoryDomain
-from da_runner.data.toy import build_toy2d
 from da_runner.errors import UserError
-
-PAIRS = {"embedded_digits": build_embedded_digits, "toy2d": build_toy2d}
 
 
 def build_pair(cfg) -> DomainPair:
-    if cfg.name not in PAIRS:
-        raise UserError(f"unknown data pair {cfg.name!r}; available: {', '.join(sorted(PAIRS))}")
-    return PAIRS[cfg.name](cfg)
+    target = cfg.get("_target_")
+    if not target:
+        raise UserError(f"data config {cfg.get('name', '?')!r} has no _target_ naming its builder function")
+    try:
+        builder = get_method(target)
+    except Exception as err:
+        raise UserError(f"data._target_={target} cannot be imported ({err})") from err
+    return builder(cfg)
 
 
-__all__ = ["BatchStream", "DomainPair", "InMemoryDomain", "PAIRS", "build_pair"]
+__all__ = ["BatchStream", "DomainPair", "InMemoryDomain", "build_pair"]

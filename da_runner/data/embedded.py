@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from da_runner.data.memory import DomainPair, InMemoryDomain, split_source
+from da_runner.data.mnistm_builder import blend_mnistm
 from da_runner.errors import UserError
 
 # Colour photographs that scikit-image installs with the package (no download).
@@ -43,23 +44,6 @@ def load_photos(max_side: int = 320) -> tuple[np.ndarray, ...]:
         stride = max(1, min(photo.shape[:2]) // max_side)
         photos.append(np.ascontiguousarray(photo[::stride, ::stride]))
     return tuple(photos)
-
-
-def blend_mnistm(digits: np.ndarray, photos, rng: np.random.Generator) -> np.ndarray:
-    """Ganin's MNIST-M recipe: |random photo patch - digit| per channel.
-
-    digits (N, H, W) uint8 -> (N, H, W, 3) uint8.
-    """
-    n, h, w = digits.shape
-    out = np.empty((n, h, w, 3), dtype=np.uint8)
-    which = rng.integers(len(photos), size=n)
-    for i in range(n):
-        photo = photos[which[i]]
-        top = rng.integers(photo.shape[0] - h + 1)
-        left = rng.integers(photo.shape[1] - w + 1)
-        patch = photo[top : top + h, left : left + w].astype(np.int16)
-        out[i] = np.abs(patch - digits[i, :, :, None].astype(np.int16)).astype(np.uint8)
-    return out
 
 
 def split_indices(n: int, sizes, rng: np.random.Generator) -> list[np.ndarray]:

@@ -68,6 +68,49 @@ class LeNet(nn.Module):
         return self.net(x)
 
 
+class DannSvhn(nn.Module):
+    """The SVHN network of Ganin et al. (JMLR 2016): conv5x5(64) - maxpool3/2 - conv5x5(64) - maxpool3/2
+    - conv5x5(128), ReLUs after each, 'same' padding. For 32x32 inputs the features are 128 * 7 * 7.
+    The paper's heads (label 3072-2048-10, domain 1024-1024-1) are in configs/backbone/dann_svhn.yaml."""
+
+    def __init__(self, input_shape: tuple[int, ...], cfg=None):
+        super().__init__()
+        _require_image("dann_svhn", input_shape, 16)
+        self.net = nn.Sequential(
+            nn.Conv2d(input_shape[0], 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 128, 5, padding=2), nn.ReLU(inplace=True),
+            nn.Flatten(),
+        )
+        self.out_features = _flat_size(self.net, input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DTN(nn.Module):
+    """The digits network used for SVHN->MNIST by CDAN (Long et al. 2018) and Transfer-Learning-Library:
+    three conv5x5 stride-2 layers (64, 128, 256) with BatchNorm, Dropout2d (0.1, 0.3, 0.5) and ReLU,
+    then fc(512) + BatchNorm + ReLU + Dropout(0.5). 512 features."""
+
+    def __init__(self, input_shape: tuple[int, ...], cfg=None):
+        super().__init__()
+        _require_image("dtn", input_shape, 8)
+        layers: list[nn.Module] = []
+        width = input_shape[0]
+        for channels, drop in ((64, 0.1), (128, 0.3), (256, 0.5)):
+            layers += [nn.Conv2d(width, channels, 5, stride=2, padding=2), nn.BatchNorm2d(channels),
+                       nn.Dropout2d(drop), nn.ReLU(inplace=True)]
+            width = channels
+        conv = nn.Sequential(*layers, nn.Flatten())
+        self.net = nn.Sequential(conv, nn.Linear(_flat_size(conv.eval(), input_shape), 512), nn.BatchNorm1d(512),
+                                 nn.ReLU(inplace=True), nn.Dropout(0.5))
+        self.out_features = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class MLP(nn.Module):
     """Fully connected ReLU network on flattened inputs (the two-moons toy, or any vector data)."""
 
@@ -88,7 +131,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-BACKBONES = {"dann_mnist": DannMnist, "lenet": LeNet, "mlp": MLP}
+BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP}
 
 
 def build_backbone(cfg, input_shape: tuple[int, ...]) -> nn.Module:
