@@ -89,15 +89,19 @@ def _load_mnistm(root: Path, train: bool, download: bool) -> Split:
     split = "train" if train else "test"
     files = _mnistm_files(root, train)
     if files[0].name == "mnist_m.tar.gz":
-        with tarfile.open(files[0]) as tar:
-            members = {Path(m.name).name if m.name.endswith(".txt") else m.name.split("/", 1)[-1]: m
-                       for m in tar.getmembers() if m.isfile()}
-            labels_text = tar.extractfile(members[f"mnist_m_{split}_labels.txt"]).read().decode()
-
-            def read(name: str) -> bytes:
-                return tar.extractfile(members[f"mnist_m_{split}/{name}"]).read()
-
-            return _decode_mnistm(labels_text, read, Image)
+        # One sequential pass: seeking backwards in a .tar.gz decompresses from the start again.
+        wanted, blobs, labels_text = f"mnist_m_{split}/", {}, None
+        with tarfile.open(files[0], mode="r|gz") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.name.endswith(f"mnist_m_{split}_labels.txt"):
+                    labels_text = tar.extractfile(member).read().decode()
+                elif wanted in member.name:
+                    blobs[member.name.rsplit("/", 1)[-1]] = tar.extractfile(member).read()
+        if labels_text is None:
+            raise UserError(f"{files[0]} has no mnist_m_{split}_labels.txt; is it the MNIST-M release tarball?")
+        return _decode_mnistm(labels_text, blobs.__getitem__, Image)
     folder, label_file = files
     return _decode_mnistm(label_file.read_text(), lambda name: (folder / name).read_bytes(), Image)
 
