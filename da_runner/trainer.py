@@ -127,7 +127,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                           lr=float(cfg.optim.lr) * lr_factor(p, cfg.optim))
         for optimizer in method.optimizers.values():
             for group in optimizer.param_groups:
-                group["lr"] = ctx.lr * group.get("lr_mult", 1.0)
+                if "lr_mult" in group:  # groups without it keep a constant lr of their own
+                    group["lr"] = ctx.lr * group["lr_mult"]
 
         x_s, y_s = next(source)
         x_t, _ = next(target)  # target labels are dropped here: methods never see them

@@ -96,11 +96,15 @@ def test_source_only_ignores_the_target():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+# Options that make a method use all of its parts within a few steps.
+SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"]}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("data", ["digits", "toy"])
 def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     torch.manual_seed(0)
-    cfg = make_cfg(f"method={name}", *(TINY_DIGITS if data == "digits" else TINY_TOY))
+    cfg = make_cfg(f"method={name}", *SHORT_RUN_OPTIONS.get(name, []), *(TINY_DIGITS if data == "digits" else TINY_TOY))
     pair = build_pair(cfg.data)
     method = build_method(cfg, pair.input_shape, pair.num_classes)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
@@ -108,7 +112,7 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     for step in range(5):
         x_s, y_s = next(src)
         out = method.step(Batch(x_s, y_s, next(tgt)[0]), ctx(step=step, lr=0.01))
-        assert {"loss", "loss_cls"} <= set(out) and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
+        assert "loss" in out and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     changed = [n for n, p in method.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)  # every parameter moved
     logits = method.predict(pair.target_test.batch(torch.arange(5))[0])

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from da_runner.errors import UserError
-from da_runner.methods.dann import DANN
+from da_runner.methods import METHODS
 from da_runner.trainer import train
 from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
 
@@ -71,24 +71,29 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_at", [7, 10])
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, crash_at):
-    args = [*TINY_DIGITS, "trainer.max_steps=12", "trainer.eval_every=3", "trainer.ckpt_every=4",
-            "trainer.log_every=1"]
+RESUME_CASES = [(name, 7) for name in sorted(METHODS)] + [("dann", 10), ("adda", 10)]
+
+
+@pytest.mark.parametrize("name, crash_at", RESUME_CASES)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, name, crash_at):
+    # ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
+    args = [*TINY_DIGITS, f"method={name}", "method.pretrain_steps=6" if name == "adda" else "seed=0",
+            "trainer.max_steps=12", "trainer.eval_every=3", "trainer.ckpt_every=4", "trainer.log_every=1"]
     reference = train(make_cfg(*args), tmp_path / "ref")
 
-    original_step = DANN.step
+    method_class = METHODS[name]
+    original_step = method_class.step
 
     def crashing_step(self, batch, ctx):
         if ctx.step == crash_at:
             raise Crash
         return original_step(self, batch, ctx)
 
-    monkeypatch.setattr(DANN, "step", crashing_step)
+    monkeypatch.setattr(method_class, "step", crashing_step)
     with pytest.raises(Crash):
         train(make_cfg(*args), tmp_path / "run")
     assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4 * (crash_at // 4)
-    monkeypatch.setattr(DANN, "step", original_step)
+    monkeypatch.setattr(method_class, "step", original_step)
     resumed = train(make_cfg(*args, "resume=true"), tmp_path / "run")
 
     for key in ("target_acc", "source_acc", "selected_target_acc", "selected_step", "step"):

@@ -1,7 +1,7 @@
 """UDA methods, one file each, registered by their config name."""
 
 from da_runner.errors import UserError
-from da_runner.methods import dann, source_only  # noqa: F401  (importing registers them)
+from da_runner.methods import adda, cdan, dann, source_only  # noqa: F401  (importing registers them)
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import METHODS, register
 

@@ -1,9 +1,9 @@
 """The method contract: what the trainer may call, and nothing else.
 
 A method owns its modules and optimizers. The trainer calls `step(batch, ctx)` once per training
-iteration and `predict(x)` for evaluation, sets the learning rate of every optimizer in
-`optimizers` (times each param group's `lr_mult`) and saves `checkpoint_state()`. It never looks at
-which method it is running.
+iteration and `predict(x)` for evaluation, sets the learning rate of every param group that has an
+`lr_mult` (to the scheduled lr times it; groups without one keep their own constant lr) and saves
+`checkpoint_state()`. It never looks at which method it is running.
 """
 
 from dataclasses import dataclass

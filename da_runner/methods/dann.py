@@ -11,6 +11,10 @@ where d = 1 for source and 0 for target, and lambda comes from the `grl` schedul
 Options (configs/method/dann.yaml):
     domain_outputs: 1 -> D ends in one logit with binary cross-entropy (the paper's 100-1 head);
                     2 -> two logits with softmax cross-entropy (a 100-2 head).
+    bsp_weight, bsp_k: batch spectral penalization (Chen et al., ICML 2019), 0 = off.
+
+Subclasses (CDAN) change what D sees (`adversary_input`) and how samples are weighted
+(`domain_weights`); the step is shared.
 """
 
 import torch
@@ -21,53 +25,53 @@ from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 from da_runner.nn.grl import grad_reverse
 from da_runner.nn.heads import mlp_head
+from da_runner.nn.losses import bsp_penalty, domain_loss_and_acc
 
 
-def domain_loss_and_acc(logits: torch.Tensor, is_source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Discriminator loss and accuracy.
-
-    logits: (N, 1) for a single-logit head or (N, 2) for a two-way softmax head.
-    is_source: (N,) float, 1 for source rows and 0 for target rows.
-    """
-    if logits.shape[1] == 1:
-        logits = logits.squeeze(1)
-        loss = F.binary_cross_entropy_with_logits(logits, is_source)
-        correct = (logits > 0).float() == is_source
-    else:
-        target = is_source.long()
-        loss = F.cross_entropy(logits, target)
-        correct = logits.argmax(1) == target
-    return loss, correct.float().mean()
-
-
-@register("dann")
+@register("dann", "dann_bsp")
 class DANN(Method):
     def __init__(self, cfg, input_shape, num_classes):
         super().__init__(cfg, input_shape, num_classes)
-        outputs = int(cfg.method.domain_outputs)
+        outputs = int(cfg.method.get("domain_outputs", 1))
         if outputs not in (1, 2):
             raise UserError(f"method.domain_outputs must be 1 or 2, got {outputs}")
-        self.discriminator = mlp_head(self.features.out_features, cfg.backbone.domain_head, outputs)
+        self.bsp_weight = float(cfg.method.get("bsp_weight", 0.0))
+        self.bsp_k = int(cfg.method.get("bsp_k", 1))
+        if self.bsp_weight < 0 or self.bsp_k < 1:
+            raise UserError(f"method.bsp_weight must be >= 0 and method.bsp_k >= 1, got "
+                            f"{self.bsp_weight} and {self.bsp_k}")
+        self.discriminator = mlp_head(self.adversary_input_dim(), cfg.backbone.domain_head, outputs)
         self.setup_optimizers()
+
+    def adversary_input_dim(self) -> int:
+        return self.features.out_features
+
+    def adversary_input(self, f: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """What the discriminator sees (through the gradient reversal layer): the features."""
+        return f
+
+    def domain_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the domain loss (None: all equal)."""
+        return None
 
     def step(self, batch: Batch, ctx: StepContext):
         n_s = len(batch.x_s)
         # One forward pass over source and target together (half the kernel launches of two passes).
         f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        f_s = f[:n_s]
-        loss_cls = F.cross_entropy(self.classifier(f_s), batch.y_s)
+        logits = self.classifier(f)
+        loss_cls = F.cross_entropy(logits[:n_s], batch.y_s)
 
         is_source = torch.zeros(len(f), device=f.device)
         is_source[:n_s] = 1.0
-        domain_logits = self.discriminator(grad_reverse(f, ctx.grl_lambda))
-        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source)
+        domain_logits = self.discriminator(grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda))
+        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, self.domain_weights(logits))
 
         # lambda lives in the GRL: D minimises loss_domain, G receives -lambda times its gradient.
         loss = loss_cls + loss_domain
+        terms = {"loss_cls": loss_cls.detach(), "loss_domain": loss_domain.detach(), "domain_acc": domain_acc.detach()}
+        if self.bsp_weight > 0:
+            loss_bsp = bsp_penalty(f[:n_s], f[n_s:], self.bsp_k)
+            loss = loss + self.bsp_weight * loss_bsp
+            terms["loss_bsp"] = loss_bsp.detach()
         self.optimizer_step(self.optimizers["main"], loss)
-        return {
-            "loss": loss.detach(),
-            "loss_cls": loss_cls.detach(),
-            "loss_domain": loss_domain.detach(),
-            "domain_acc": domain_acc.detach(),
-        }
+        return {"loss": loss.detach(), **terms}

@@ -1,0 +1,42 @@
+"""CDAN: conditional domain adversarial networks (Long et al., NeurIPS 2018).
+
+The discriminator is conditioned on the classifier's predictions: it sees the multilinear map
+T(f, g) = g ⊗ f of the features f (N, d) and the softmax predictions g (N, C), so aligning the
+domains aligns the joint distribution of features and classes, not just the features. g is
+detached (it conditions, it is not trained through D). When d * C exceeds `max_multilinear_dim`
+(4096 in the paper) the randomized map (R_f f) ⊙ (R_g g) / sqrt(randomized_dim) replaces it.
+
+CDAN+E (`method=cdan_e`) weights each sample's domain loss by 1 + exp(-H(g)), normalised over the
+batch, so that confident (easy-to-transfer) samples count more.
+
+Options (configs/method/cdan.yaml): randomized (null = automatic, true, false), randomized_dim,
+max_multilinear_dim, entropy, domain_outputs, bsp_weight / bsp_k (BSP, as for DANN).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from da_runner.methods.dann import DANN
+from da_runner.methods.registry import register
+from da_runner.nn.losses import RandomizedMultilinearMap, entropy_weights, multilinear_map
+
+
+@register("cdan", "cdan_e", "cdan_bsp")
+class CDAN(DANN):
+    def adversary_input_dim(self) -> int:
+        """Called by DANN.__init__ before it builds the discriminator: chooses the map."""
+        options, d, c = self.cfg.method, self.features.out_features, self.num_classes
+        randomized = options.get("randomized")
+        if randomized is None:  # automatic, as in the paper
+            randomized = d * c > int(options.get("max_multilinear_dim", 4096))
+        self.random_map = RandomizedMultilinearMap(d, c, int(options.get("randomized_dim", 1024))) if randomized else None
+        return self.random_map.output_dim if randomized else d * c
+
+    def adversary_input(self, f: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        g = F.softmax(logits, dim=1).detach()
+        return self.random_map(f, g) if self.random_map is not None else multilinear_map(f, g)
+
+    def domain_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
+        if not self.cfg.method.get("entropy", False):
+            return None
+        return entropy_weights(F.softmax(logits, dim=1))
