@@ -37,8 +37,8 @@ def test_help_lists_groups_and_options(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
     assert result.returncode == 0
     out = result.stdout
-    for group, options in {"method": ["dann", "source_only"], "data": ["embedded_digits", "toy2d"],
-                           "backbone": ["dann_mnist", "lenet", "mlp"], "grl": ["constant", "ganin", "linear"],
+    for group, options in {"method": ["adda", "cdan", "cdan_bsp", "cdan_e", "dann", "dann_bsp", "source_only"], "data": ["embedded_digits", "toy2d"],
+                           "backbone": ["dann_mnist", "dann_svhn", "dtn", "lenet", "mlp"], "grl": ["constant", "ganin", "linear"],
                            "optim": ["adam", "sgd"], "trainer": ["default"]}.items():
         line = next(line for line in out.splitlines() if line.startswith(f"{group}: "))
         assert set(options) <= set(line.split(": ", 1)[1].split(", ")), line
