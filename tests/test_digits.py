@@ -206,3 +206,37 @@ def test_real_mnist_and_mnistm(tmp_path):
         assert mnistm.x.shape == (59001, 3, 32, 32) and mnistm_test.x.shape == (9001, 3, 32, 32)
         # image i of MNIST-M is MNIST image i: the labels agree
         assert torch.equal(mnistm.y, mnist.y[:59001]) and torch.equal(mnistm_test.y, mnist_test.y[:9001])
+
+
+def test_download_fetches_the_official_files_with_checksums(fake_root, tmp_path, monkeypatch):
+    """data.download=true hands the missing files to torchvision's downloader (official URLs, MD5)."""
+    import shutil as sh
+    import torchvision.datasets.mnist as tv_mnist
+
+    root, _ = fake_root
+    requests = []
+
+    def fake_download(url, download_root, filename, md5):  # stands in for the network
+        requests.append((url, md5))
+        name = filename.removesuffix(".gz")
+        sh.copy(root / "MNIST" / "raw" / name, Path(download_root) / name)
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", fake_download)
+    split = load_split("mnist", True, tmp_path / "fresh", cache_dir=tmp_path / "cache", download=True)
+    assert len(split.y) == SIZES["train"]
+    assert {md5 for _, md5 in requests} == {md5 for _, md5 in torchvision.datasets.MNIST.resources}
+    assert all(url.startswith(torchvision.datasets.MNIST.mirrors[0]) for url, _ in requests)
+
+
+def test_failed_download_names_the_files_to_place_by_hand(tmp_path, monkeypatch):
+    import torchvision.datasets.mnist as tv_mnist
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(MissingDataError) as err:
+        load_split("mnist", False, tmp_path, cache_dir=tmp_path / "cache", download=True)
+    assert "downloading mnist" in str(err.value)
+    assert str(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte") in str(err.value)
