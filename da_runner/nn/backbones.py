@@ -13,8 +13,14 @@ from da_runner.errors import UserError
 
 
 def _flat_size(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Output width of `module` for one input: run in eval mode (no dropout draws, no BatchNorm
+    update on a batch of one), then put back in the mode it was in."""
+    was_training = module.training
+    module.eval()
     with torch.no_grad():
-        return int(module(torch.zeros(1, *input_shape)).shape[1])
+        size = int(module(torch.zeros(1, *input_shape)).shape[1])
+    module.train(was_training)
+    return size
 
 
 def _require_image(name: str, input_shape: tuple[int, ...], min_size: int) -> None:
@@ -103,7 +109,7 @@ class DTN(nn.Module):
                        nn.Dropout2d(drop), nn.ReLU(inplace=True)]
             width = channels
         conv = nn.Sequential(*layers, nn.Flatten())
-        self.net = nn.Sequential(conv, nn.Linear(_flat_size(conv.eval(), input_shape), 512), nn.BatchNorm1d(512),
+        self.net = nn.Sequential(conv, nn.Linear(_flat_size(conv, input_shape), 512), nn.BatchNorm1d(512),
                                  nn.ReLU(inplace=True), nn.Dropout(0.5))
         self.out_features = 512
 
