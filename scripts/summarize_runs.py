@@ -13,9 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
-IGNORED = ("seed", "trainer.progress", "hydra.")
+from runs import group_key, seed_of
 
 
 def mean_std(values: list[float]) -> str:
@@ -30,10 +28,7 @@ def main():
     groups = defaultdict(list)
     for metrics_path in sorted(args.folder.rglob("metrics.json")):
         run_dir = metrics_path.parent
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        key = " ".join(o for o in overrides if not o.startswith(IGNORED))
-        seed = next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "0")
-        groups[key or "(defaults)"].append((seed, json.loads(metrics_path.read_text())))
+        groups[group_key(run_dir)].append((seed_of(run_dir), json.loads(metrics_path.read_text())))
     print("| configuration | n | seeds | target acc (final) | target acc (selected by source val) | minutes/run |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key, runs in sorted(groups.items()):
