@@ -110,9 +110,12 @@ def test_missing_files_are_named_with_their_paths(tmp_path, name, files):
 
 
 def test_missing_data_from_the_cli_is_one_clear_message(tmp_path):
-    result = run_cli(["data=mnist_usps", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_cli(["data=mnist_mnistm", f"data.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+    # every missing file of the pair, both datasets, in one message
     assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in result.stderr
+    assert result.stderr.count(str(tmp_path / "mnist_m" / "mnist_m.tar.gz")) == 1
+    assert "build-mnistm" in result.stderr and "data.download=true" in result.stderr
 
 
 def test_to_format_converts_channels_and_size():

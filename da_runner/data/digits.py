@@ -135,13 +135,30 @@ def _fingerprint(paths: list[Path]) -> str:
     return "|".join(parts)
 
 
+def missing_files(name: str, train: bool, root) -> list[Path]:
+    files_of, _ = DATASETS[name]
+    return [p for p in files_of(Path(root).expanduser(), train) if not p.exists()]
+
+
+def missing_message(root, missing: dict[str, list[Path]]) -> str:
+    """One message naming every missing file of every dataset, and how to get them."""
+    lines = [f"dataset files not found under data.root={root}. Missing:"]
+    for name, paths in missing.items():
+        lines += [f"  {p}   ({name})" for p in paths]
+    if any(name in DOWNLOADABLE for name in missing):
+        lines.append("MNIST / USPS / SVHN: set data.download=true to fetch them from the official sources.")
+    if "mnistm" in missing:
+        lines.append(MNISTM_HINT)
+    return "\n".join(lines)
+
+
 def load_split(name: str, train: bool, root, cache_dir=None, download: bool = False) -> Split:
     """Images (N, C, H, W) uint8 and labels (N,) int64 of one split of a digit dataset."""
     if name not in DATASETS:
         raise UserError(f"unknown digit dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     root = Path(root).expanduser()
     files_of, loader = DATASETS[name]
-    missing = [p for p in files_of(root, train) if not p.exists()]
+    missing = missing_files(name, train, root)
     if missing and download and name in DOWNLOADABLE:
         try:
             split = loader(root, train, True)  # torchvision downloads and verifies the MD5 checksums
@@ -150,11 +167,7 @@ def load_split(name: str, train: bool, root, cache_dir=None, download: bool = Fa
                                    f"put these files there by hand: " + ", ".join(map(str, missing))) from err
         missing = []
     if missing:
-        hint = MNISTM_HINT if name == "mnistm" else "or set data.download=true to fetch them from the official source"
-        raise MissingDataError(
-            f"{name} ({'train' if train else 'test'}) not found under data.root={root}. Missing:\n"
-            + "".join(f"  {p}\n" for p in missing) + hint
-        )
+        raise MissingDataError(missing_message(root, {name: missing}))
     files = files_of(root, train)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cache = cache_dir / f"{name}_{'train' if train else 'test'}.pt"
@@ -216,6 +229,19 @@ def build_digit_pair(cfg):
     def load(name: str, train: bool) -> Split:
         split = load_split(name, train, cfg.root, cfg.cache_dir, bool(cfg.download))
         return Split(to_format(split.x, int(cfg.size), int(cfg.channels)), split.y)
+
+    # Report every missing file of the pair at once, not one dataset per attempt.
+    needed = [(cfg.source, True), (cfg.target, True), (cfg.target, False)]
+    missing: dict[str, list[Path]] = {}
+    for name, train in needed:
+        if name not in DATASETS:
+            raise UserError(f"unknown digit dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+        if not (cfg.download and name in DOWNLOADABLE):
+            missing.setdefault(name, []).extend(missing_files(name, train, cfg.root))
+    # train and test may share a file (the MNIST-M tarball): list each once
+    missing = {name: list(dict.fromkeys(paths)) for name, paths in missing.items() if paths}
+    if missing:
+        raise MissingDataError(missing_message(Path(cfg.root).expanduser(), missing))
 
     rng = np.random.default_rng(int(cfg.seed))
     source = _subset(load(cfg.source, True), cfg.source_subset, rng)
