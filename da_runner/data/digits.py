@@ -161,7 +161,7 @@ def load_split(name: str, train: bool, root, cache_dir=None, download: bool = Fa
     missing = missing_files(name, train, root)
     if missing and download and name in DOWNLOADABLE:
         try:
-            split = loader(root, train, True)  # torchvision downloads and verifies the MD5 checksums
+            loader(root, train, True)  # torchvision downloads the files and verifies their MD5 checksums
         except Exception as err:  # network errors come in many types; all mean the same to the user
             raise MissingDataError(f"downloading {name} into {root} failed ({type(err).__name__}: {err}); "
                                    f"put these files there by hand: " + ", ".join(map(str, missing))) from err
