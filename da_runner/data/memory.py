@@ -127,7 +127,7 @@ class DomainPair:
         )
 
 
-def split_source(x: torch.Tensor, y: torch.Tensor, val_fraction: float, **norm) -> tuple[InMemoryDomain, InMemoryDomain]:
+def split_source(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[InMemoryDomain, InMemoryDomain]:
     """Split already shuffled source data into training and held-out validation parts."""
     n_val = max(1, round(len(y) * val_fraction))
-    return InMemoryDomain(x[n_val:], y[n_val:], **norm), InMemoryDomain(x[:n_val], y[:n_val], **norm)
+    return InMemoryDomain(x[n_val:], y[n_val:]), InMemoryDomain(x[:n_val], y[:n_val])
