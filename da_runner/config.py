@@ -41,6 +41,9 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not _is_number(value) or value < 0:
             raise UserError(f"{key} must be a number >= 0, got {value!r}")
+    for key, value in cfg.method.items():  # the loss weights of every method
+        if (key.endswith("_weight") or key == "trade_off") and (not _is_number(value) or value < 0):
+            raise UserError(f"method.{key} must be a number >= 0, got {value!r}")
     if not _is_number(cfg.grl.hi):
         raise UserError(f"grl.hi must be a number, got {cfg.grl.hi!r}")
     if cfg.grl.name not in GRL_SCHEDULES:

@@ -110,8 +110,8 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
     for step in range(5):
-        x_s, y_s = next(src)
-        out = method.step(Batch(x_s, y_s, next(tgt)[0]), ctx(step=step, lr=0.01))
+        (x_s, y_s), (x_t, y_t) = next(src), next(tgt)
+        out = method.step(Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None), ctx(step=step, lr=0.01))
         assert "loss" in out and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     changed = [n for n, p in method.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)  # every parameter moved

@@ -1,7 +1,9 @@
 """UDA methods, one file each, registered by their config name."""
 
 from da_runner.errors import UserError
-from da_runner.methods import adda, cdan, dann, source_only  # noqa: F401  (importing registers them)
+from da_runner.methods import (  # noqa: F401  (importing registers them)
+    adda, afn, bnm, cdan, dan, dann, deepcoral, jan, mcc, mcd, mdd, minent, oracle, source_only,
+)
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import METHODS, register
 

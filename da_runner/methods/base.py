@@ -9,11 +9,13 @@ iteration and `predict(x)` for evaluation, sets the learning rate of every param
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from da_runner.errors import UserError
 from da_runner.nn.backbones import build_backbone
 from da_runner.nn.heads import mlp_head
+from da_runner.nn.losses import bnm_loss, entropy_loss
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,16 @@ class StepContext:
 
 @dataclass(frozen=True)
 class Batch:
-    """One training batch: labelled source and unlabelled target. Target labels never reach a method."""
+    """One training batch: labelled source and unlabelled target.
+
+    Target labels (y_t) reach only a method that declares `uses_target_labels` (the oracle); for
+    every UDA method they are None.
+    """
 
     x_s: torch.Tensor
     y_s: torch.Tensor
     x_t: torch.Tensor
+    y_t: torch.Tensor | None = None
 
 
 def build_optimizer(param_groups, cfg) -> torch.optim.Optimizer:
@@ -53,6 +60,10 @@ class Method(nn.Module):
     Subclasses add their own modules in `__init__` *before* calling `self.setup_optimizers()`,
     and implement `step`.
     """
+
+    # True only for upper-bound baselines that train on target labels: the trainer then passes them
+    # in the batch and marks the run's metrics as not UDA.
+    uses_target_labels = False
 
     def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
@@ -78,6 +89,33 @@ class Method(nn.Module):
         """Class logits (N, num_classes) for inputs x."""
         return self.classifier(self.features(x))
 
+    @torch.no_grad()
+    def predict_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further named predictions to evaluate besides `predict` (MCD's two classifiers): logits
+        (N, num_classes) by name, reported as `eval/<domain>_acc_<name>`. Most methods have none."""
+        return {}
+
+    def trade_off(self, ctx: StepContext) -> float:
+        """The weight of the method's adaptation term: `method.trade_off`, times the `grl` schedule's
+        current value when `method.ramp_trade_off` is true (the progressive warm-up that DANN's
+        schedule gives, for methods whose papers ramp their weight)."""
+        weight = float(self.cfg.method.get("trade_off", 1.0))
+        return weight * ctx.grl_lambda if self.cfg.method.get("ramp_trade_off", False) else weight
+
+    def target_prediction_terms(self, logits_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Entropy minimisation and BNM on the target predictions, weighted by `method.entropy_weight`
+        and `method.bnm_weight` (0 or absent = off). Returns the weighted sum to add to the loss and
+        the unweighted terms to log (`loss_entropy`, `loss_bnm`)."""
+        total, terms = torch.zeros((), device=logits_t.device), {}
+        for name, weight_key, loss_fn in (("loss_entropy", "entropy_weight", entropy_loss),
+                                          ("loss_bnm", "bnm_weight", bnm_loss)):
+            weight = float(self.cfg.method.get(weight_key, 0.0))  # >= 0: checked by config.validate
+            if weight > 0:
+                term = loss_fn(logits_t)
+                total = total + weight * term
+                terms[name] = term.detach()
+        return total, terms
+
     def checkpoint_state(self) -> dict:
         return {"modules": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
 
@@ -91,3 +129,41 @@ class Method(nn.Module):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+
+class LossTermMethod(Method):
+    """Methods that adapt through a loss term on one forward pass of both domains (DAN, JAN, Deep
+    CORAL, MCC, AFN, MinEnt, BNM):
+
+        L = CE(C(G(x_s)), y_s) + trade_off * term(f_s, f_t, logits_s, logits_t) + target-prediction add-ons
+
+    Subclasses implement `adaptation_term` (or leave it None, as MinEnt and BNM do, whose term is the
+    add-on itself).
+    """
+
+    def __init__(self, cfg, input_shape, num_classes):
+        super().__init__(cfg, input_shape, num_classes)
+        self.setup_optimizers()
+
+    def adaptation_term(self, f_s: torch.Tensor, f_t: torch.Tensor, logits_s: torch.Tensor,
+                        logits_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """The unweighted adaptation term and what to log about it (`{"loss_<name>": value, ...}`)."""
+        return None
+
+    def step(self, batch: Batch, ctx: StepContext):
+        n_s = len(batch.x_s)
+        # One forward pass over source and target together, as in DANN.
+        f = self.features(torch.cat([batch.x_s, batch.x_t]))
+        logits = self.classifier(f)
+        loss_cls = F.cross_entropy(logits[:n_s], batch.y_s)
+        loss, terms = loss_cls, {"loss_cls": loss_cls.detach()}
+        adaptation = self.adaptation_term(f[:n_s], f[n_s:], logits[:n_s], logits[n_s:])
+        if adaptation is not None:
+            term, logs = adaptation
+            loss = loss + self.trade_off(ctx) * term
+            terms.update({k: v.detach() for k, v in logs.items()})
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:])
+        loss = loss + loss_target_predictions
+        terms.update(target_terms)
+        self.optimizer_step(self.optimizers["main"], loss)
+        return {"loss": loss.detach(), **terms}

@@ -12,6 +12,8 @@ Options (configs/method/dann.yaml):
     domain_outputs: 1 -> D ends in one logit with binary cross-entropy (the paper's 100-1 head);
                     2 -> two logits with softmax cross-entropy (a 100-2 head).
     bsp_weight, bsp_k: batch spectral penalization (Chen et al., ICML 2019), 0 = off.
+    entropy_weight, bnm_weight: entropy minimisation / batch nuclear-norm maximisation on the target
+                    predictions as add-ons (0 = off).
 
 Subclasses (CDAN) change what D sees (`adversary_input`) and how samples are weighted
 (`domain_weights`); the step is shared.
@@ -37,9 +39,8 @@ class DANN(Method):
             raise UserError(f"method.domain_outputs must be 1 or 2, got {outputs}")
         self.bsp_weight = float(cfg.method.get("bsp_weight", 0.0))
         self.bsp_k = int(cfg.method.get("bsp_k", 1))
-        if self.bsp_weight < 0 or self.bsp_k < 1:
-            raise UserError(f"method.bsp_weight must be >= 0 and method.bsp_k >= 1, got "
-                            f"{self.bsp_weight} and {self.bsp_k}")
+        if self.bsp_k < 1:
+            raise UserError(f"method.bsp_k must be >= 1, got {self.bsp_k}")
         self.discriminator = mlp_head(self.adversary_input_dim(), cfg.backbone.domain_head, outputs)
         self.setup_optimizers()
 
@@ -73,5 +74,8 @@ class DANN(Method):
             loss_bsp = bsp_penalty(f[:n_s], f[n_s:], self.bsp_k)
             loss = loss + self.bsp_weight * loss_bsp
             terms["loss_bsp"] = loss_bsp.detach()
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:])
+        loss = loss + loss_target_predictions
+        terms.update(target_terms)
         self.optimizer_step(self.optimizers["main"], loss)
         return {"loss": loss.detach(), **terms}

@@ -71,3 +71,135 @@ def bsp_penalty(f_s: torch.Tensor, f_t: torch.Tensor, k: int = 1) -> torch.Tenso
     """Batch spectral penalization (Chen et al., ICML 2019): sum of the squared k largest singular
     values of the source and of the target feature matrices. f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
     return (torch.linalg.svdvals(f_s)[:k].pow(2).sum() + torch.linalg.svdvals(f_t)[:k].pow(2).sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discrepancy and target-prediction terms of the non-adversarial methods (DAN, JAN, Deep CORAL, MCD,
+# MDD, MCC, MinEnt, BNM, AFN).
+
+
+def kernel_bandwidths(setting, sq_dist: torch.Tensor) -> torch.Tensor:
+    """Squared bandwidths sigma_u^2 of a Gaussian kernel family -> (U,).
+
+    setting: a float, the sigma of a single kernel; or a list of multipliers, sigma_u^2 =
+    multiplier_u * mean(sq_dist) (DAN's family around the mean squared distance; the mean is
+    detached so the network cannot shrink the MMD by inflating the bandwidth).
+    """
+    if isinstance(setting, (int, float)):
+        return torch.tensor([float(setting) ** 2], dtype=sq_dist.dtype, device=sq_dist.device)
+    return torch.as_tensor(list(setting), dtype=sq_dist.dtype, device=sq_dist.device) * sq_dist.detach().mean()
+
+
+def gaussian_kernels(sq_dist: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
+    """Sum over u of exp(-d^2 / (2 sigma_u^2)): squared distances of any shape, (U,) -> same shape."""
+    return torch.exp(-sq_dist.unsqueeze(-1) / (2 * bandwidths)).sum(-1)
+
+
+def joint_mmd(layers_s, layers_t, kernel_settings, linear: bool = False) -> torch.Tensor:
+    """Squared (joint) MMD between source and target (JAN, Long et al., ICML 2017; one layer: DAN).
+
+    layers_s, layers_t: lists of (N_s, d_l) and (N_t, d_l) activations of the same layers;
+    kernel_settings: per layer, see `kernel_bandwidths`. The joint kernel is the product over layers
+    of each layer's kernel. -> scalar.
+
+    Quadratic estimator (biased, Gretton et al., JMLR 2012): mean k_ss + mean k_tt - 2 mean k_st,
+    bandwidths from the mean squared distance over all pairs of distinct samples.
+    Linear-time estimator (linear=True, used by DAN): over quadruples (s, s', t, t') of consecutive
+    samples, the mean of k(s, s') + k(t, t') - k(s, t') - k(s', t); computes only those kernel values
+    (bandwidths from their distances) and uses the first min(N_s, N_t) // 2 * 2 samples of each domain.
+    """
+    n_s = len(layers_s[0])
+    if not linear:
+        k = 1.0
+        for z_s, z_t, setting in zip(layers_s, layers_t, kernel_settings):
+            z = torch.cat([z_s, z_t])
+            sq_dist = torch.cdist(z, z).pow(2)
+            distinct = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+            k = k * gaussian_kernels(sq_dist, kernel_bandwidths(setting, sq_dist[distinct]))
+        return k[:n_s, :n_s].mean() + k[n_s:, n_s:].mean() - 2 * k[:n_s, n_s:].mean()
+    m = min(n_s, len(layers_t[0])) // 2 * 2
+    if m == 0:
+        raise ValueError("the linear-time MMD needs at least 2 samples per domain")
+    k_pairs = 1.0
+    for z_s, z_t, setting in zip(layers_s, layers_t, kernel_settings):
+        s1, s2, t1, t2 = z_s[0:m:2], z_s[1:m:2], z_t[0:m:2], z_t[1:m:2]
+        # rows: (s, s'), (t, t'), (s, t'), (s', t)
+        sq_dist = torch.stack([(a - b).pow(2).sum(1) for a, b in ((s1, s2), (t1, t2), (s1, t2), (s2, t1))])
+        k_pairs = k_pairs * gaussian_kernels(sq_dist, kernel_bandwidths(setting, sq_dist))
+    return (k_pairs[0] + k_pairs[1] - k_pairs[2] - k_pairs[3]).mean()
+
+
+def mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, multipliers=(0.125, 0.25, 0.5, 1.0, 2.0),
+           linear: bool = False) -> torch.Tensor:
+    """DAN's multi-kernel MMD^2 (Long et al., ICML 2015) between features f_s (N_s, d) and f_t
+    (N_t, d), with equal kernel weights. -> scalar."""
+    return joint_mmd([f_s], [f_t], [list(multipliers)], linear)
+
+
+def coral_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Deep CORAL (Sun & Saenko, ECCV 2016 workshops): ||C_s - C_t||_F^2 / (4 d^2), C the unbiased
+    feature covariance of each domain. f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
+    d = f_s.shape[1]
+    return (torch.cov(f_s.T) - torch.cov(f_t.T)).pow(2).sum() / (4 * d * d)
+
+
+def classifier_discrepancy(logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
+    """MCD's discrepancy (Saito et al., CVPR 2018): mean absolute difference of the two classifiers'
+    class probabilities. (N, C), (N, C) -> scalar."""
+    return (F.softmax(logits_1, dim=1) - F.softmax(logits_2, dim=1)).abs().mean()
+
+
+def mdd_adversary_loss(logits_adv_s: torch.Tensor, logits_adv_t: torch.Tensor, pred_s: torch.Tensor,
+                       pred_t: torch.Tensor, margin: float) -> torch.Tensor:
+    """The loss MDD's auxiliary classifier f' minimises (Zhang et al., ICML 2019), i.e. minus the
+    margin disparity discrepancy D_gamma:
+
+        margin * CE(f'(x_s), h_f(x_s))  -  mean log(1 - softmax(f'(x_t))[h_f(x_t)])
+
+    f' learns to agree with the main classifier's labels h_f on source and to disagree on target; the
+    feature extractor maximises this through a gradient reversal layer. logits_adv_*: (N, C) of f';
+    pred_*: (N,) labels predicted by the main classifier. -> scalar.
+    """
+    agree_s = F.cross_entropy(logits_adv_s, pred_s)
+    p_t = F.softmax(logits_adv_t, dim=1).gather(1, pred_t.unsqueeze(1)).squeeze(1)
+    # clamp: log(1 - p) is -inf when f' agrees with certainty; the gradient stays finite.
+    disagree_t = -torch.log((1 - p_t).clamp_min(1e-6)).mean()
+    return margin * agree_s + disagree_t
+
+
+def mcc_loss(logits_t: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
+    """Minimum class confusion (Jin et al., ECCV 2020) on target logits (N, C) -> scalar.
+
+    Y = softmax(logits / T); sample weights W = N * (1 + exp(-H(Y_i))) / sum_j (1 + exp(-H(Y_j)))
+    (no gradient through them); class correlation C = Y^T diag(W) Y; each column normalised to sum
+    1; the loss is the total off-diagonal mass divided by the number of classes.
+    """
+    y = F.softmax(logits_t / temperature, dim=1)
+    w = entropy_weights(y)  # = N * (1 + exp(-H)) / sum(1 + exp(-H))
+    confusion = y.T @ (w.unsqueeze(1) * y)
+    confusion = confusion / confusion.sum(0, keepdim=True)
+    num_classes = confusion.shape[0]
+    return (confusion.sum() - confusion.trace()) / num_classes
+
+
+def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004): mean prediction entropy (nats). (N, C) -> scalar."""
+    return entropy(F.softmax(logits, dim=1)).mean()
+
+
+def bnm_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Batch nuclear-norm maximisation (Cui et al., CVPR 2020): minus the nuclear norm of the (N, C)
+    prediction matrix, divided by N. (N, C) -> scalar."""
+    return -torch.linalg.svdvals(F.softmax(logits, dim=1)).sum() / len(logits)
+
+
+def afn_loss(f: torch.Tensor, delta_r: float = 1.0, radius: float | None = None) -> torch.Tensor:
+    """Adaptive feature norm (Xu et al., ICCV 2019) on features (N, d) -> scalar.
+
+    Stepwise AFN (radius None): mean (||f_i||.detach() + delta_r - ||f_i||)^2, which pushes every
+    norm up by delta_r per step (its value is always delta_r^2; the gradient does the work).
+    Hard AFN (radius R): mean (R - ||f_i||)^2.
+    """
+    norms = f.norm(dim=1)
+    goal = norms.detach() + delta_r if radius is None else torch.full_like(norms, float(radius))
+    return (goal - norms).pow(2).mean()
