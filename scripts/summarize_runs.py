@@ -32,6 +32,8 @@ def main():
     print("| configuration | n | seeds | target acc (final) | target acc (selected by source val) | minutes/run |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key, runs in sorted(groups.items()):
+        if any(m.get("uses_target_labels") for _, m in runs):
+            key += " **(oracle: trained on target labels, not UDA)**"
         final = [m["target_acc"] for _, m in runs]
         selected = [m["selected_target_acc"] for _, m in runs]
         minutes = [m["wall_time_s"] / 60 for _, m in runs]
