@@ -1,29 +1,107 @@
 """Command-line entry points. `da-run` (= `python -m da_runner`) composes the config with Hydra and
-calls `trainer.train`; tests and scripts call `train(cfg, run_dir)` directly."""
+calls `trainer.train`; tests and scripts call `train(cfg, run_dir)` directly.
 
+Inside a sweep (`da-run -m ...`) every job is independent: a job that fails records its error in its
+run directory (`status.json`) and the sweep goes on; re-running the sweep skips jobs that completed
+and resumes unfinished ones from their last checkpoint.
+"""
+
+import json
+import logging
+import math
 import os
 import sys
+import traceback
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from da_runner.errors import UserError
+from da_runner.status import read_status, write_status
+
+log = logging.getLogger("da_runner")
+
+
+def _threads_per_parallel_job(hydra_cfg) -> int | None:
+    """CPU threads for each job when a launcher runs several jobs at once on this machine (joblib):
+    the cores divided among the jobs, so that they do not oversubscribe the CPU (each torch process
+    would otherwise start one thread per core). None for launchers that run one job per machine."""
+    launcher = hydra_cfg.launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    cpus = os.cpu_count() or 1
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    parallel = n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    return max(1, cpus // parallel)
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
+    from da_runner.trainer import train  # imported here so `da-run --help` answers without loading torch
+
+    if in_sweep:
+        if read_status(run_dir)["status"] == "completed":
+            log.info("skipping %s: it completed before (delete its status.json to run it again)", run_dir)
+            return json.loads((run_dir / "metrics.json").read_text())["selected_source_acc"]
+        if (run_dir / "checkpoints" / "last.pt").is_file() and not cfg.resume:
+            log.info("resuming the unfinished job in %s", run_dir)
+            cfg.resume = True
+        threads = _threads_per_parallel_job(HydraConfig.get())
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+            log.info("parallel jobs: %d CPU thread(s) for this one", threads)
+
+    write_status(run_dir, "running")
+    try:
+        metrics = train(cfg, run_dir)
+    except Exception as err:
+        message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        write_status(run_dir, "failed", error=message, traceback=traceback.format_exc())
+        if not in_sweep:
+            raise
+        # The sweep goes on: the error is in this job's log and status.json, and in the sweep's report.
+        log.error("job failed: %s", message)
+        return math.nan
+    write_status(run_dir, "completed")
+    # The value a Hydra sweeper optimises: a label-free criterion, never target accuracy.
+    return metrics["selected_source_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def run(cfg: DictConfig) -> float:
-    from da_runner.trainer import train  # imported here so `da-run --help` answers without loading torch
-
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        return _run_job(cfg, Path(hydra_cfg.runtime.output_dir), in_sweep)
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"da-run: error: {err}", file=sys.stderr)
         sys.exit(1)
-    # The value a Hydra sweeper optimises: a label-free criterion, never target accuracy.
-    return metrics["selected_source_acc"]
+
+
+class SweepReport(Callback):
+    """At the end of `da-run -m ...`: the sweep's table (as `da-summarize` prints it) and the failed
+    jobs with their errors; exit code 1 when any job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from da_runner.summarize import collect, markdown, rows
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        groups = collect(sweep_dir) if sweep_dir.is_dir() else []
+        if not groups:
+            return
+        log.info("sweep %s:\n%s", sweep_dir, markdown(rows(groups)))
+        errors = [e for g in groups for e in g.errors]
+        if errors:
+            log.error("%d job(s) failed:\n  %s\n(re-running the same command retries them and skips the "
+                      "completed ones)", len(errors), "\n  ".join(errors))
+            sys.exit(1)
 
 
 def main() -> None:

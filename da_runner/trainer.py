@@ -124,6 +124,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                disable=not tcfg.progress, dynamic_ncols=True, mininterval=0.5)
     loop_start = time.perf_counter()
     outside_loop = 0.0  # seconds spent evaluating and checkpointing, excluded from the steps/s figure
+    # A device tensor, so checking every step's loss costs no GPU synchronisation; it is read (and the
+    # run stopped) only where the trainer synchronises anyway: logging, evaluation, checkpoints.
+    loss_not_finite = torch.zeros((), dtype=torch.bool, device=device)
+    last_checked = start_step
     for step in range(start_step, max_steps):
         p = step / max_steps
         ctx = StepContext(step=step, max_steps=max_steps, progress=p, grl_lambda=grl_lambda(p, cfg.grl),
@@ -140,16 +144,29 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         terms = method.step(batch, ctx)
         done = step + 1
         bar.update(1)
+        loss_not_finite |= ~torch.isfinite(torch.as_tensor(terms["loss"]))
 
-        if done % tcfg.log_every == 0 or done == max_steps:
+        log_now = done % tcfg.log_every == 0 or done == max_steps
+        eval_now = done % tcfg.eval_every == 0 or done == max_steps
+        ckpt_now = done % tcfg.ckpt_every == 0 or done == max_steps
+        if log_now or eval_now or ckpt_now:
+            if loss_not_finite:
+                bar.close()
+                logger.close()
+                raise UserError(
+                    f"the training loss of method={cfg.method.name} was not finite (now {float(terms['loss'])}) "
+                    f"between steps {last_checked + 1} and {done}; stopping rather than training on garbage. Try a lower "
+                    f"optim.lr (now {cfg.optim.lr}) or a smaller grl.hi. checkpoints/last.pt keeps the last "
+                    f"state saved before it.")
+            last_checked = done
+
+        if log_now:
             # .item() waits for the device, so it happens only on logging steps.
             values = {k: float(v) for k, v in terms.items()}
             logger.scalars("train", {**values, "grl_lambda": ctx.grl_lambda, "lr": ctx.lr}, done)
             bar.set_postfix(loss=f"{values['loss']:.3f}", lam=f"{ctx.grl_lambda:.2f}",
                             tgt_acc="-" if last_eval is None else f"{last_eval['target_acc']:.3f}", refresh=False)
 
-        eval_now = done % tcfg.eval_every == 0 or done == max_steps
-        ckpt_now = done % tcfg.ckpt_every == 0 or done == max_steps
         if eval_now or ckpt_now:
             pause = time.perf_counter()
             if eval_now:

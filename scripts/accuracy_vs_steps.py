@@ -1,6 +1,6 @@
 """Target accuracy against training steps, from the metrics.jsonl of the runs under a folder.
 
-Groups runs like summarize_runs.py (overrides minus seed), averages over seeds at each evaluated
+Groups runs like da-summarize (overrides minus seed), averages over seeds at each evaluated
 step, prints a Markdown table and, with --plot, writes a PNG.
 
     python scripts/accuracy_vs_steps.py multirun/mnistm --plot docs/mnistm_accuracy_vs_steps.png
@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from runs import group_key
+from da_runner.summarize import group_key
 
 
 def load_curves(folder: Path) -> dict[str, dict[int, list[float]]]:

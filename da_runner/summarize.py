@@ -1,0 +1,158 @@
+"""`da-summarize <sweep dir>`: one row per configuration of a sweep, mean ± std over its seeds.
+
+A configuration is a job's command-line overrides minus `seed` and keys that only change how a run
+is shown (`trainer.progress`, `sweep=...`). Each row counts the completed runs (n), the failed and
+the incomplete ones (still running, killed, or never started past Hydra's setup), and reports final
+target accuracy and the target accuracy of the checkpoint chosen without target labels (mean ± std
+over the completed seeds), the step budget and minutes per run. Works on a sweep that is still
+running or partly failed. Prints the table and writes `summary.md` and `summary.csv` into the folder.
+"""
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from da_runner.status import read_status
+
+# Overrides that do not change what a run computes, or that vary within a group of repeats.
+IGNORED_OVERRIDES = ("seed=", "trainer.progress=", "sweep=", "hydra.", "resume=")
+
+
+
+def overrides(run_dir: Path) -> list[str]:
+    return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+
+
+def group_key(run_dir: Path) -> str:
+    """The run's overrides minus seed and display-only keys: runs with the same key are repeats of
+    one configuration."""
+    return " ".join(o for o in overrides(run_dir) if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)) or "(defaults)"
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Every run directory under folder (a directory Hydra set up: it has .hydra/overrides.yaml)."""
+    return sorted(p.parent.parent for p in folder.rglob(".hydra/overrides.yaml"))
+
+
+@dataclass
+class Group:
+    key: str
+    seeds: list[int] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    failed: int = 0
+    incomplete: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _seed(run_dir: Path) -> int:
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+    return int(config.get("seed", 0))
+
+
+def collect(folder: Path) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for run_dir in find_runs(folder):
+        key = group_key(run_dir)
+        group = groups.setdefault(key, Group(key))
+        status = read_status(run_dir)
+        if status["status"] == "completed":
+            group.seeds.append(_seed(run_dir))
+            group.metrics.append(json.loads((run_dir / "metrics.json").read_text()))
+        elif status["status"] == "failed":
+            group.failed += 1
+            group.errors.append(f"{run_dir.name}: {status.get('error', '?')}")
+        else:
+            group.incomplete += 1
+    return [groups[k] for k in sorted(groups)]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rows(groups: list[Group]) -> list[dict]:
+    table = []
+    for g in groups:
+        final = _mean_std([m["target_acc"] for m in g.metrics])
+        selected = _mean_std([m["selected_target_acc"] for m in g.metrics])
+        minutes = [m["wall_time_s"] / 60 for m in g.metrics]
+        oracle = any(m.get("uses_target_labels") for m in g.metrics)
+        table.append({
+            "configuration": g.key + (" (oracle: trained on target labels, not UDA)" if oracle else ""),
+            "n": len(g.metrics),
+            "failed": g.failed,
+            "incomplete": g.incomplete,
+            "seeds": ",".join(str(s) for s in sorted(g.seeds)),
+            "steps": ",".join(str(s) for s in sorted({m["step"] for m in g.metrics})),
+            "target_acc_mean": final[0], "target_acc_std": final[1],
+            "selected_target_acc_mean": selected[0], "selected_target_acc_std": selected[1],
+            "selected_by": ",".join(sorted({m["selected_by"] for m in g.metrics})),
+            "minutes_per_run": statistics.median(minutes) if minutes else math.nan,
+        })
+    return table
+
+
+def _pm(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| configuration | n | failed | incomplete | seeds | steps | target acc (final) "
+             "| target acc (selected, no target labels) | minutes/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        minutes = "-" if math.isnan(r["minutes_per_run"]) else f"{r['minutes_per_run']:.1f}"
+        lines.append(f"| {r['configuration']} | {r['n']} | {r['failed']} | {r['incomplete']} | {r['seeds'] or '-'} "
+                     f"| {r['steps'] or '-'} | {_pm(r['target_acc_mean'], r['target_acc_std'])} "
+                     f"| {_pm(r['selected_target_acc_mean'], r['selected_target_acc_std'])} | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["configuration"])
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="da-summarize", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a sweep directory (or any folder holding run directories)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write summary.md and summary.csv (default: the folder itself)")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"da-summarize: error: {args.folder} is not a directory", file=sys.stderr)
+        return 1
+    groups = collect(args.folder)
+    if not groups:
+        print(f"da-summarize: error: no run directories (with .hydra/overrides.yaml) under {args.folder}",
+              file=sys.stderr)
+        return 1
+    table = rows(groups)
+    text = markdown(table)
+    print(text, end="")
+    for g in groups:
+        for error in g.errors:
+            print(f"failed: {error}")
+    out = args.out or args.folder
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text)
+    write_csv(table, out / "summary.csv")
+    print(f"written: {out / 'summary.md'}, {out / 'summary.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
