@@ -14,7 +14,6 @@ import json
 import math
 import statistics
 import sys
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 

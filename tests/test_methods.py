@@ -2,7 +2,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from da_runner.methods import METHODS, Batch, StepContext, build_method
 from da_runner.data import BatchStream, build_pair

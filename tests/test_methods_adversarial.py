@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from da_runner.methods import Batch, StepContext, build_method
-from da_runner.methods.cdan import CDAN
 from da_runner.nn.losses import (RandomizedMultilinearMap, bsp_penalty, domain_loss_and_acc, entropy_weights,
                                  multilinear_map)
 from conftest import TINY_DIGITS, TINY_TOY, make_cfg

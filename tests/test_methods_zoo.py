@@ -17,7 +17,7 @@ from da_runner.methods.dann import DANN
 from da_runner.nn.losses import (afn_loss, bnm_loss, classifier_discrepancy, coral_loss, entropy_loss, joint_mmd,
                                  mcc_loss, mdd_adversary_loss, mk_mmd)
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, make_cfg, read_metrics
+from conftest import TINY_TOY, make_cfg, read_metrics
 from test_trainer import scalar_tags
 
 MULTIPLIERS = [0.5, 1.0, 2.0]

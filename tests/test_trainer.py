@@ -61,7 +61,7 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
     args = [*TINY_DIGITS, "trainer.max_steps=8", "trainer.eval_every=8"]
     a = train(make_cfg(*args), tmp_path / "a")
     b = train(make_cfg(*args), tmp_path / "b")
-    c = train(make_cfg(*args, "seed=1"), tmp_path / "c")
+    train(make_cfg(*args, "seed=1"), tmp_path / "c")
     wa, wb, wc = (load_ckpt(tmp_path / r / "checkpoints" / "last.pt")["method"]["modules"] for r in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["target_acc"] == b["target_acc"]
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -10,7 +10,6 @@ first 59,001 train / 9,001 test digits are used, as in the release. Deterministi
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from da_runner.data.digits import load_split, to_format

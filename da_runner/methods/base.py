@@ -95,6 +95,17 @@ class Method(nn.Module):
         (N, num_classes) by name, reported as `eval/<domain>_acc_<name>`. Most methods have none."""
         return {}
 
+    def forward_both(self, batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass over source and target together (half the kernel launches of two passes).
+
+        Returns n_s (the number of source rows), the features f (N_s + N_t, d), the logits
+        (N_s + N_t, C) and the source cross-entropy.
+        """
+        n_s = len(batch.x_s)
+        f = self.features(torch.cat([batch.x_s, batch.x_t]))
+        logits = self.classifier(f)
+        return n_s, f, logits, F.cross_entropy(logits[:n_s], batch.y_s)
+
     def trade_off(self, ctx: StepContext) -> float:
         """The weight of the method's adaptation term: `method.trade_off`, times the `grl` schedule's
         current value when `method.ramp_trade_off` is true (the progressive warm-up that DANN's
@@ -151,11 +162,7 @@ class LossTermMethod(Method):
         return None
 
     def step(self, batch: Batch, ctx: StepContext):
-        n_s = len(batch.x_s)
-        # One forward pass over source and target together, as in DANN.
-        f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        logits = self.classifier(f)
-        loss_cls = F.cross_entropy(logits[:n_s], batch.y_s)
+        n_s, f, logits, loss_cls = self.forward_both(batch)
         loss, terms = loss_cls, {"loss_cls": loss_cls.detach()}
         adaptation = self.adaptation_term(f[:n_s], f[n_s:], logits[:n_s], logits[n_s:])
         if adaptation is not None:

@@ -20,7 +20,6 @@ Subclasses (CDAN) change what D sees (`adversary_input`) and how samples are wei
 """
 
 import torch
-import torch.nn.functional as F
 
 from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext
@@ -56,11 +55,7 @@ class DANN(Method):
         return None
 
     def step(self, batch: Batch, ctx: StepContext):
-        n_s = len(batch.x_s)
-        # One forward pass over source and target together (half the kernel launches of two passes).
-        f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        logits = self.classifier(f)
-        loss_cls = F.cross_entropy(logits[:n_s], batch.y_s)
+        n_s, f, logits, loss_cls = self.forward_both(batch)
 
         is_source = torch.zeros(len(f), device=f.device)
         is_source[:n_s] = 1.0

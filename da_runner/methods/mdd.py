@@ -14,8 +14,6 @@ default). Options (configs/method/mdd.yaml): margin (paper: 4 for digits and Off
 trade_off (paper: 1), ramp_trade_off.
 """
 
-import torch
-import torch.nn.functional as F
 
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
@@ -32,10 +30,7 @@ class MDD(Method):
         self.setup_optimizers()
 
     def step(self, batch: Batch, ctx: StepContext):
-        n_s = len(batch.x_s)
-        f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        logits = self.classifier(f)
-        loss_cls = F.cross_entropy(logits[:n_s], batch.y_s)
+        n_s, f, logits, loss_cls = self.forward_both(batch)
         predicted = logits.argmax(1)  # h_f: labels only, no gradient flows through them
         logits_adv = self.adversary(grad_reverse(f, ctx.grl_lambda))
         loss_mdd = mdd_adversary_loss(logits_adv[:n_s], logits_adv[n_s:], predicted[:n_s], predicted[n_s:],
