@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from da_runner.methods import METHODS
 from conftest import TINY_DIGITS, TINY_TOY, da_run_command, load_ckpt, read_metrics, run_cli
 from test_trainer import REQUIRED_TAGS, scalar_tags
 
@@ -37,9 +38,10 @@ def test_help_lists_groups_and_options(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
     assert result.returncode == 0
     out = result.stdout
-    for group, options in {"method": ["adda", "cdan", "cdan_bsp", "cdan_e", "dann", "dann_bsp", "source_only"], "data": ["embedded_digits", "toy2d"],
+    for group, options in {"method": sorted(METHODS), "data": ["embedded_digits", "toy2d"],
                            "backbone": ["dann_mnist", "dann_svhn", "dtn", "lenet", "mlp"], "grl": ["constant", "ganin", "linear"],
-                           "optim": ["adam", "sgd"], "trainer": ["default"]}.items():
+                           "optim": ["adam", "sgd"], "trainer": ["default"],
+                           "sweep": ["grl_schedules", "methods", "optuna_lr_grl"]}.items():
         line = next(line for line in out.splitlines() if line.startswith(f"{group}: "))
         assert set(options) <= set(line.split(": ", 1)[1].split(", ")), line
 

@@ -87,7 +87,7 @@ def test_failed_job_does_not_stop_the_sweep_and_a_rerun_skips_finished_jobs(tmp_
 
 
 def test_a_rerun_resumes_an_interrupted_job_from_its_checkpoint(tmp_path):
-    args = [*TINY_TOY, "trainer.max_steps=3000", "trainer.ckpt_every=100", "trainer.eval_every=500"]
+    args = [*TINY_TOY, "trainer.max_steps=1500", "trainer.ckpt_every=50", "trainer.eval_every=250"]
     reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"], cwd=tmp_path)
     assert reference.returncode == 0, output(reference)
 
@@ -102,7 +102,7 @@ def test_a_rerun_resumes_an_interrupted_job_from_its_checkpoint(tmp_path):
     proc.wait()
     (run_dir,) = run_dirs(sweep)
     killed_at = load_ckpt(run_dir / "checkpoints" / "last.pt")["step"]
-    assert 0 < killed_at < 3000 and status(run_dir)["status"] == "running"
+    assert 0 < killed_at < 1500 and status(run_dir)["status"] == "running"
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, output(again)
