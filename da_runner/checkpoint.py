@@ -15,7 +15,7 @@ import torch
 
 from da_runner.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-validator selections (picks) and the oracle
 
 
 def rng_state() -> dict:

@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from da_runner.errors import UserError
 from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
+from da_runner.validators import VALIDATORS
 
 # Keys a resumed run takes from the new command line instead of the checkpoint: they change where
 # and how the run is shown, never what it computes.
@@ -41,6 +42,16 @@ def validate(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not _is_number(value) or value < 0:
             raise UserError(f"{key} must be a number >= 0, got {value!r}")
+    known = ", ".join(VALIDATORS)
+    names = list(_get(cfg, "trainer.validators"))
+    unknown = [n for n in names if n not in VALIDATORS]
+    if unknown or not names:
+        raise UserError(f"trainer.validators must be a non-empty list of {known}, got {names}")
+    if cfg.trainer.select not in names:
+        raise UserError(f"trainer.select must be one of trainer.validators ({', '.join(names)}), "
+                        f"got {cfg.trainer.select!r}")
+    if not _is_int(cfg.trainer.validation_samples) or cfg.trainer.validation_samples < 2:
+        raise UserError(f"trainer.validation_samples must be an integer >= 2, got {cfg.trainer.validation_samples!r}")
     for key, value in cfg.method.items():  # the loss weights of every method
         if (key.endswith("_weight") or key == "trade_off") and (not _is_number(value) or value < 0):
             raise UserError(f"method.{key} must be a number >= 0, got {value!r}")

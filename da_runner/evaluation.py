@@ -1,30 +1,78 @@
-"""Accuracy of a method's predictions on in-memory domains."""
+"""Evaluation: accuracies on the labelled splits and the label-free validators.
+
+Target *labels* are used here only to report accuracy (`target_acc`) and the oracle; every
+validator sees target inputs only.
+"""
+
+from dataclasses import dataclass
 
 import torch
 
-from da_runner.data.memory import InMemoryDomain
+from da_runner import validators as V
+from da_runner.data.memory import DomainPair, InMemoryDomain
+
+
+@dataclass
+class Outputs:
+    """A method's outputs on one domain: features (N, d), logits (N, C), extra heads, labels (N,)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    heads: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def accuracy(self, head: str = "") -> float:
+        logits = self.heads[head] if head else self.logits
+        return (logits.argmax(1) == self.labels).sum().item() / len(self.labels)
 
 
 @torch.no_grad()
-def accuracies(method, domain: InMemoryDomain, batch_size: int = 1024) -> dict[str, float]:
-    """Fraction of `domain` classified correctly by `method.predict` (key "") and by each of
-    `method.predict_heads` (key: the head's name). Eval mode, no gradients."""
+def outputs(method, domain: InMemoryDomain, batch_size: int = 1024) -> Outputs:
+    """Run `method` (eval mode, no gradients) over a whole domain."""
     was_training = method.training
     method.eval()
-    correct: dict[str, torch.Tensor] = {}
+    features, logits, heads, labels = [], [], {}, []
     for x, y in domain.batches(batch_size):
-        for name, logits in {"": method.predict(x), **method.predict_heads(x)}.items():
-            correct[name] = correct.get(name, 0) + (logits.argmax(1) == y).sum()
+        f, out = method.embed(x)
+        features.append(f)
+        logits.append(out)
+        for name, head_logits in method.predict_heads(x).items():
+            heads.setdefault(name, []).append(head_logits)
+        labels.append(y)
     method.train(was_training)
-    return {name: count.item() / len(domain) for name, count in correct.items()}
+    return Outputs(torch.cat(features), torch.cat(logits), {k: torch.cat(v) for k, v in heads.items()},
+                   torch.cat(labels))
 
 
-def evaluate(method, pair, batch_size: int = 1024) -> dict[str, float]:
-    """`source_acc` on held-out source data and `target_acc` on the target test set, plus
-    `<domain>_acc_<head>` for each further prediction head of the method."""
-    record = {}
-    for domain_name, domain in (("source", pair.source_val), ("target", pair.target_test)):
-        for head, value in accuracies(method, domain, batch_size).items():
-            record[f"{domain_name}_acc" + (f"_{head}" if head else "")] = value
+@dataclass
+class ValidationData:
+    """What evaluation looks at, fixed for a run: the labelled splits and fixed-size samples of the
+    unlabelled target training data and of the source training data (for the validators)."""
+
+    pair: DomainPair
+    target_sample: InMemoryDomain  # labels never read
+    source_sample: InMemoryDomain
+
+    @classmethod
+    def of(cls, pair: DomainPair, sample_size: int, seed: int = 0) -> "ValidationData":
+        return cls(pair, pair.target_train.sample(sample_size, seed), pair.source_train.sample(sample_size, seed + 1))
+
+
+def evaluate(method, data: ValidationData, validators=("source_acc",), batch_size: int = 1024) -> dict[str, float]:
+    """One evaluation record: `source_acc`, `target_acc`, `<domain>_acc_<head>` for further heads,
+    and the value of each validator in `validators`."""
+    source_val = outputs(method, data.pair.source_val, batch_size)
+    target_test = outputs(method, data.pair.target_test, batch_size)
+    record = {"source_acc": source_val.accuracy(), "target_acc": target_test.accuracy()}
+    for head in source_val.heads:
+        record[f"source_acc_{head}"] = source_val.accuracy(head)
+        record[f"target_acc_{head}"] = target_test.accuracy(head)
+    needs_target = [name for name in validators if name != "source_acc"]
+    if needs_target:
+        target = outputs(method, data.target_sample, batch_size)
+        source_fit = outputs(method, data.source_sample, batch_size) if "dev" in validators else source_val
+        values = V.compute(needs_target, source_acc=record["source_acc"], logits_t=target.logits,
+                           f_t=target.features, f_s_fit=source_fit.features, f_s_val=source_val.features,
+                           logits_s_val=source_val.logits, y_s_val=source_val.labels)
+        record.update(values)
     return record
-

@@ -48,6 +48,10 @@ class RunLogger:
 
         self.writer.add_image(tag, make_grid(images.detach().cpu(), nrow=8), step)
 
+    def figure(self, tag: str, fig, step: int) -> None:
+        """A matplotlib figure as an image (TensorBoard's Images tab); the figure is closed."""
+        self.writer.add_figure(tag, fig, step, close=True)
+
     def hparams(self, cfg, metrics: dict[str, float]) -> None:
         """One row in TensorBoard's hparams tab: every scalar option of the config + final metrics.
 

@@ -3,7 +3,6 @@ know which method it runs: everything method-specific happens inside `method.ste
 
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -18,16 +17,15 @@ from da_runner import checkpoint
 from da_runner.config import differences, resolve_device, validate
 from da_runner.data import BatchStream, build_pair
 from da_runner.errors import UserError
-from da_runner.evaluation import evaluate
+from da_runner import validators as V
+from da_runner.analysis import decision_boundary_figure, run_analysis
+from da_runner.evaluation import ValidationData, evaluate
 from da_runner.logging import RunLogger
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.schedules import grl_lambda, lr_factor
 
 log = logging.getLogger(__name__)
 
-# Label-free model selection: best.pt is the checkpoint with the highest held-out *source* accuracy.
-# Target labels are used only to report accuracy, never to choose.
-SELECT_BY = "source_acc"
 
 
 def seed_everything(seed: int) -> None:
@@ -93,13 +91,18 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     source = BatchStream(pair.source_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1)
     target = BatchStream(pair.target_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2)
 
-    start_step, best, last_eval, train_time = 0, {"score": -math.inf}, None, 0.0
+    # Label-free model selection: every validator in trainer.validators is computed at each evaluation
+    # and remembers the evaluation it would choose; best.pt is the choice of trainer.select. Target
+    # labels only report accuracy, and the oracle (best target accuracy) is recorded as such.
+    select, validator_names = str(tcfg.select), list(tcfg.validators)
+    validation_data = ValidationData.of(pair, int(tcfg.validation_samples), seed=int(cfg.data.get("seed", 0)))
+    start_step, picks, oracle, last_eval, train_time = 0, {}, None, None, 0.0
     if resumed is not None:
         method.load_checkpoint_state(resumed["method"])
         source.load_state_dict(resumed["streams"]["source"])
         target.load_state_dict(resumed["streams"]["target"])
         checkpoint.set_rng_state(resumed["rng"])
-        start_step, best, last_eval = resumed["step"], resumed["best"], resumed["last_eval"]
+        start_step, picks, oracle, last_eval = resumed["step"], resumed["picks"], resumed["oracle"], resumed["last_eval"]
         train_time = resumed["train_time_s"]
         log.info("resuming %s from step %d of %d", run_dir, start_step, max_steps)
 
@@ -109,13 +112,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             "method": method.checkpoint_state(),
             "streams": {"source": source.state_dict(), "target": target.state_dict()},
             "rng": checkpoint.rng_state(),
-            "best": best,
+            "picks": picks,
+            "oracle": oracle,
             "last_eval": last_eval,
             "train_time_s": train_time,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
 
     logger = RunLogger(run_dir, start_step)
+    draw_boundary = bool(tcfg.analysis) and pair.input_shape == (2,)
     if start_step == 0 and pair.is_image:
         logger.images("data/source_samples", pair.source_train.x[:32].float() / 255)
         logger.images("data/target_samples", pair.target_train.x[:32].float() / 255)
@@ -170,12 +175,27 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         if eval_now or ckpt_now:
             pause = time.perf_counter()
             if eval_now:
-                last_eval = {"step": done, **evaluate(method, pair, int(tcfg.eval_batch_size))}
+                last_eval = {"step": done, **evaluate(method, validation_data, validator_names,
+                                                      int(tcfg.eval_batch_size))}
                 logger.evaluation(last_eval)
-                # >=: among equal scores prefer the later, more adapted checkpoint.
-                if last_eval[SELECT_BY] >= best["score"]:
-                    best = {"score": last_eval[SELECT_BY], **last_eval}
-                    checkpoint.save(state_at(done), best_path)
+                for name in validator_names:
+                    # >=: among equal scores prefer the later, more adapted checkpoint.
+                    if name not in picks or V.score(name, last_eval[name]) >= V.score(name, picks[name]["value"]):
+                        picks[name] = {"step": done, "value": last_eval[name], "source_acc": last_eval["source_acc"],
+                                       "target_acc": last_eval["target_acc"]}
+                        if name == select:
+                            checkpoint.save(state_at(done), best_path)
+                if oracle is None or last_eval["target_acc"] > oracle["target_acc"]:
+                    oracle = {"step": done, "target_acc": last_eval["target_acc"]}
+                if draw_boundary:  # 2-D data: the decision boundary at every evaluation (a slider in TensorBoard)
+                    fig = decision_boundary_figure(method, pair, f"{cfg.method.name}, step {done} of {max_steps}")
+                    (run_dir / "analysis").mkdir(exist_ok=True)
+                    first = run_dir / "analysis" / "decision_boundary_first_eval.png"
+                    if not first.exists():
+                        fig.savefig(first, dpi=100)
+                    if done == max_steps:
+                        fig.savefig(run_dir / "analysis" / "decision_boundary_final.png", dpi=100)
+                    logger.figure("analysis/decision_boundary", fig, done)
             if ckpt_now:
                 train_time += pause - loop_start - outside_loop
                 loop_start, outside_loop = time.perf_counter(), 0.0
@@ -189,18 +209,26 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "data": pair.name,
         "uses_target_labels": method.uses_target_labels,  # true: an oracle, not a UDA result
         **last_eval,  # source_acc, target_acc (+ per-head accuracies)
-        "selected_by": SELECT_BY,
-        "selected_step": best["step"],
-        "selected_source_acc": best["source_acc"],
-        "selected_target_acc": best["target_acc"],
+        "selected_by": select,
+        "selected_step": picks[select]["step"],
+        "selected_source_acc": picks[select]["source_acc"],
+        "selected_target_acc": picks[select]["target_acc"],
+        # For each validator: the evaluation it would choose and that checkpoint's target accuracy.
+        "validators": picks,
+        # The best target accuracy over all evaluations: chosen WITH target labels, for reference only.
+        "oracle": {**oracle, "uses_target_labels": True},
         "train_time_s": round(train_time, 3),
         "train_steps_per_s": round(max_steps / train_time, 2) if train_time > 0 else None,
         "wall_time_s": round(time.perf_counter() - start_time, 3),
     }
+    if tcfg.analysis:
+        log.info("analysis: proxy A-distance, t-SNE of %d samples per domain, projector", int(tcfg.analysis_samples))
+        metrics.update(run_analysis(method, pair, run_dir, logger, max_steps, int(tcfg.analysis_samples),
+                                    int(tcfg.eval_batch_size), seed=int(cfg.seed)))
     _write_json(run_dir / "metrics.json", metrics)
     logger.hparams(cfg, {k: metrics[k] for k in ("target_acc", "source_acc", "selected_target_acc", "step")})
     logger.close()
     log.info("done: target_acc %.4f, source_acc %.4f, selected (by %s, step %d) target_acc %.4f -> %s",
-             metrics["target_acc"], metrics["source_acc"], SELECT_BY, metrics["selected_step"],
+             metrics["target_acc"], metrics["source_acc"], select, metrics["selected_step"],
              metrics["selected_target_acc"], run_dir)
     return metrics

@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_module
 # Small but real: the embedded pair shrunk so every test trains in seconds on 2 CPU cores.
 TINY_DIGITS = [
     "data.source_size=120", "data.target_train_size=60", "data.target_test_size=60",
-    "trainer.batch_size=8", "trainer.progress=false",
+    "trainer.batch_size=8", "trainer.progress=false", "trainer.analysis=false",
 ]
 TINY_TOY = ["data=toy2d", "backbone=mlp", "data.samples_per_domain=200", "trainer.batch_size=16",
-            "trainer.progress=false"]
+            "trainer.progress=false", "trainer.analysis=false"]
 
 
 def make_cfg(*overrides):

@@ -45,6 +45,13 @@ class InMemoryDomain:
     def to(self, device) -> "InMemoryDomain":
         return InMemoryDomain(self.x.to(device), self.y.to(device), self.mean, self.std)
 
+    def sample(self, size: int, seed: int = 0) -> "InMemoryDomain":
+        """A fixed random subset of at most `size` samples (the same for a given seed)."""
+        if size >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size].to(self.x.device)
+        return InMemoryDomain(self.x[index], self.y[index], self.mean, self.std)
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stored inputs -> the float tensor the network sees."""
         if not self.is_image:

@@ -81,7 +81,8 @@ class ADDA(Method):
                 "loss_target": loss_target.detach(), "domain_acc": domain_acc.detach(), "stage": torch.tensor(2.0)}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder = self.target_features if self.stage2_started else self.features
-        return self.classifier(encoder(x))
+        f = encoder(x)
+        return f, self.classifier(f)
 

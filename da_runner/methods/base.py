@@ -85,9 +85,16 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, d) and class logits (N, num_classes) of the model used for evaluation (the
+        validators and analyses read the features)."""
+        f = self.features(x)
+        return f, self.classifier(f)
+
+    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits (N, num_classes) for inputs x."""
-        return self.classifier(self.features(x))
+        return self.embed(x)[1]
 
     @torch.no_grad()
     def predict_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -83,10 +83,10 @@ class MCD(Method):
                 "discrepancy": discrepancy}
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The ensemble: log of the two classifiers' mean class probabilities."""
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and the ensemble: log of the two classifiers' mean class probabilities."""
         f = self.features(x)
-        return ((F.softmax(self.classifier(f), dim=1) + F.softmax(self.classifier2(f), dim=1)) / 2).log()
+        return f, ((F.softmax(self.classifier(f), dim=1) + F.softmax(self.classifier2(f), dim=1)) / 2).log()
 
     @torch.no_grad()
     def predict_heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
