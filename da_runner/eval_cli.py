@@ -1,0 +1,126 @@
+"""`da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto]`
+
+Evaluates a checkpoint on the held-out source split and the target test split of the pair it was
+trained on (or of another pair, `data=...`): accuracy, per-class accuracy and the confusion matrix
+(rows: true class, columns: predicted) of each, printed and written as JSON (default: next to the
+checkpoint, `<run dir>/eval_<checkpoint>_<pair>.json`).
+
+    da-eval ckpt=outputs/2026-11-23/10-00-00_dann_embedded_digits/checkpoints/best.pt
+    da-eval ckpt=.../best.pt data=mnist_mnistm data.root=/data
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from da_runner.errors import UserError
+
+USAGE = "usage: da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto|cpu|cuda]"
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """key=value arguments -> (options, data overrides)."""
+    options, data_overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UserError(f"arguments are key=value, got {arg!r}\n{USAGE}")
+        if key == "data" or key.startswith("data."):
+            data_overrides.append(arg)
+        elif key in ("ckpt", "out", "device", "batch_size"):
+            options[key] = value
+        else:
+            raise UserError(f"unknown argument {key!r}\n{USAGE}")
+    if "ckpt" not in options:
+        raise UserError(f"ckpt=<path> is required\n{USAGE}")
+    return options, data_overrides
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def domain_report(method, domain, num_classes: int, batch_size: int) -> dict:
+    from da_runner.evaluation import outputs
+
+    out = outputs(method, domain, batch_size)
+    matrix = confusion_matrix(out.logits.argmax(1).cpu(), out.labels.cpu(), num_classes)
+    per_class = matrix.diag().double() / matrix.sum(1).clamp_min(1).double()
+    return {"samples": len(domain), "accuracy": out.accuracy(),
+            "per_class_accuracy": [round(v, 6) for v in per_class.tolist()],
+            "confusion_matrix": matrix.tolist()}
+
+
+def format_report(name: str, report: dict) -> str:
+    matrix = report["confusion_matrix"]
+    width = max(5, len(str(max(max(row) for row in matrix))) + 1)
+    lines = [f"{name}: accuracy {report['accuracy']:.4f} on {report['samples']} samples",
+             "  per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in enumerate(report["per_class_accuracy"])),
+             "  confusion matrix (rows: true class, columns: predicted)",
+             "  " + " " * 4 + "".join(f"{c:>{width}}" for c in range(len(matrix)))]
+    lines += ["  " + f"{c:>4}" + "".join(f"{v:>{width}}" for v in row) for c, row in enumerate(matrix)]
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "auto", batch_size: int = 1024) -> dict:
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    from da_runner import checkpoint
+    from da_runner.config import resolve_device
+    from da_runner.data import build_pair
+    from da_runner.methods import build_method
+
+    state = checkpoint.load(ckpt)
+    cfg = OmegaConf.create(state["config"])
+    if data_overrides:
+        # Compose the data group as `da-run data=... data.root=...` would.
+        try:
+            with initialize_config_module("da_runner.configs", version_base="1.3"):
+                cfg.data = compose("config", overrides=data_overrides).data
+        except HydraException as err:
+            raise UserError(str(err).split("\nConfig search path")[0]) from err
+    pair = build_pair(cfg.data).to(resolve_device(device))
+    method = build_method(cfg, pair.input_shape, pair.num_classes)
+    try:
+        method.load_checkpoint_state(state["method"])
+    except RuntimeError as err:  # e.g. 3-channel weights on 1-channel data
+        raise UserError(f"the checkpoint's model does not fit data={pair.name} (inputs {pair.input_shape}, "
+                        f"{pair.num_classes} classes): {str(err).splitlines()[0]}") from err
+    method.to(resolve_device(device))
+    return {
+        "checkpoint": str(ckpt), "step": state["step"], "method": cfg.method.name, "data": pair.name,
+        "source_val": domain_report(method, pair.source_val, pair.num_classes, batch_size),
+        "target_test": domain_report(method, pair.target_test, pair.num_classes, batch_size),
+    }
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 1
+    try:
+        options, data_overrides = parse_args(argv)
+        ckpt = Path(options["ckpt"])
+        result = evaluate_checkpoint(ckpt, data_overrides, options.get("device", "auto"),
+                                     int(options.get("batch_size", 1024)))
+    except UserError as err:
+        print(f"da-eval: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{result['method']} checkpoint at step {result['step']} on {result['data']}")
+    print(format_report("source (held-out validation split)", result["source_val"]))
+    print(format_report("target (test split)", result["target_test"]))
+    out = Path(options["out"]) if "out" in options else ckpt.parent.parent / f"eval_{ckpt.stem}_{result['data']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
