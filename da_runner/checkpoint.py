@@ -58,7 +58,9 @@ def load(path: Path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
         raise UserError(f"checkpoint {path} is corrupt or not a da_runner checkpoint ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'})") from err
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} is corrupt or not a da_runner checkpoint (no format version "
-                        f"{FORMAT_VERSION})")
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise UserError(f"checkpoint {path} is corrupt or not a da_runner checkpoint (no format version)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} was written by another version of da_runner (checkpoint format "
+                        f"{state['format_version']}; this version reads format {FORMAT_VERSION})")
     return state

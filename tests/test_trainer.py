@@ -140,3 +140,12 @@ def test_corrupt_checkpoint_is_reported_as_corrupt(tmp_path):
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="is corrupt"):
         train(make_cfg(*TINY_TOY, "resume=true"), tmp_path)
+
+
+def test_checkpoint_of_another_format_version_is_named_as_such(tmp_path):
+    from da_runner import checkpoint
+
+    path = tmp_path / "old.pt"
+    torch.save({"format_version": checkpoint.FORMAT_VERSION - 1, "step": 3}, path)
+    with pytest.raises(UserError, match=r"another version of da_runner \(checkpoint format 1; this version reads format 2\)"):
+        checkpoint.load(path)
