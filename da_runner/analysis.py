@@ -97,6 +97,21 @@ def decision_boundary_figure(method, pair: DomainPair, title: str, resolution: i
     return fig
 
 
+def log_decision_boundary(method, pair: DomainPair, run_dir: Path, logger, step: int, max_steps: int,
+                          name: str) -> None:
+    """The decision boundary at this evaluation to TensorBoard; as PNG at the first evaluation and
+    at the end (run_dir/analysis/decision_boundary_{first_eval,final}.png)."""
+    fig = decision_boundary_figure(method, pair, f"{name}, step {step} of {max_steps}")
+    out_dir = Path(run_dir) / "analysis"
+    out_dir.mkdir(exist_ok=True)
+    first = out_dir / "decision_boundary_first_eval.png"
+    if not first.exists():
+        fig.savefig(first, dpi=100)
+    if step == max_steps:
+        fig.savefig(out_dir / "decision_boundary_final.png", dpi=100)
+    logger.figure("analysis/decision_boundary", fig, step)
+
+
 def run_analysis(method, pair: DomainPair, run_dir: Path, logger, step: int, samples: int, batch_size: int,
                  seed: int = 0) -> dict:
     """End-of-run analysis; returns the numbers for metrics.json and writes the figures (PNG under

@@ -14,18 +14,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from da_runner import checkpoint
+from da_runner import validators as V
+from da_runner.analysis import log_decision_boundary, run_analysis
 from da_runner.config import differences, resolve_device, validate
 from da_runner.data import BatchStream, build_pair
 from da_runner.errors import UserError
-from da_runner import validators as V
-from da_runner.analysis import decision_boundary_figure, run_analysis
 from da_runner.evaluation import ValidationData, evaluate
 from da_runner.logging import RunLogger
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.schedules import grl_lambda, lr_factor
 
 log = logging.getLogger(__name__)
-
 
 
 def seed_everything(seed: int) -> None:
@@ -47,6 +46,18 @@ def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path) -> DictConfi
     if hydra_config.exists():  # Hydra just overwrote it with the new command line's composition
         OmegaConf.save(saved, hydra_config)
     return saved
+
+
+def update_picks(picks: dict, record: dict, names) -> list[str]:
+    """Make `record` (one evaluation) the pick of every validator in `names` whose score it matches
+    or improves (>=: among equal scores the later, more adapted checkpoint); returns their names."""
+    improved = []
+    for name in names:
+        if name not in picks or V.score(name, record[name]) >= V.score(name, picks[name]["value"]):
+            picks[name] = {"step": record["step"], "value": record[name], "source_acc": record["source_acc"],
+                           "target_acc": record["target_acc"]}
+            improved.append(name)
+    return improved
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -178,24 +189,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                 last_eval = {"step": done, **evaluate(method, validation_data, validator_names,
                                                       int(tcfg.eval_batch_size))}
                 logger.evaluation(last_eval)
-                for name in validator_names:
-                    # >=: among equal scores prefer the later, more adapted checkpoint.
-                    if name not in picks or V.score(name, last_eval[name]) >= V.score(name, picks[name]["value"]):
-                        picks[name] = {"step": done, "value": last_eval[name], "source_acc": last_eval["source_acc"],
-                                       "target_acc": last_eval["target_acc"]}
-                        if name == select:
-                            checkpoint.save(state_at(done), best_path)
+                if select in update_picks(picks, last_eval, validator_names):
+                    checkpoint.save(state_at(done), best_path)
                 if oracle is None or last_eval["target_acc"] > oracle["target_acc"]:
                     oracle = {"step": done, "target_acc": last_eval["target_acc"]}
                 if draw_boundary:  # 2-D data: the decision boundary at every evaluation (a slider in TensorBoard)
-                    fig = decision_boundary_figure(method, pair, f"{cfg.method.name}, step {done} of {max_steps}")
-                    (run_dir / "analysis").mkdir(exist_ok=True)
-                    first = run_dir / "analysis" / "decision_boundary_first_eval.png"
-                    if not first.exists():
-                        fig.savefig(first, dpi=100)
-                    if done == max_steps:
-                        fig.savefig(run_dir / "analysis" / "decision_boundary_final.png", dpi=100)
-                    logger.figure("analysis/decision_boundary", fig, done)
+                    log_decision_boundary(method, pair, run_dir, logger, done, max_steps, cfg.method.name)
             if ckpt_now:
                 train_time += pause - loop_start - outside_loop
                 loop_start, outside_loop = time.perf_counter(), 0.0
@@ -204,6 +203,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                 outside_loop += time.perf_counter() - pause
     bar.close()
 
+    analysis = {}
+    if tcfg.analysis:
+        log.info("analysis: proxy A-distance, t-SNE of %d samples per domain, projector", int(tcfg.analysis_samples))
+        analysis = run_analysis(method, pair, run_dir, logger, max_steps, int(tcfg.analysis_samples),
+                                int(tcfg.eval_batch_size), seed=int(cfg.seed))
     metrics = {
         "method": cfg.method.name,
         "data": pair.name,
@@ -219,12 +223,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "oracle": {**oracle, "uses_target_labels": True},
         "train_time_s": round(train_time, 3),
         "train_steps_per_s": round(max_steps / train_time, 2) if train_time > 0 else None,
+        **analysis,  # proxy_a_distance, target_ari
         "wall_time_s": round(time.perf_counter() - start_time, 3),
     }
-    if tcfg.analysis:
-        log.info("analysis: proxy A-distance, t-SNE of %d samples per domain, projector", int(tcfg.analysis_samples))
-        metrics.update(run_analysis(method, pair, run_dir, logger, max_steps, int(tcfg.analysis_samples),
-                                    int(tcfg.eval_batch_size), seed=int(cfg.seed)))
     _write_json(run_dir / "metrics.json", metrics)
     logger.hparams(cfg, {k: metrics[k] for k in ("target_acc", "source_acc", "selected_target_acc", "step")})
     logger.close()
