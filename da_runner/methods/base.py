@@ -1,7 +1,8 @@
 """The method contract: what the trainer may call, and nothing else.
 
 A method owns its modules and optimizers. The trainer calls `step(batch, ctx)` once per training
-iteration and `predict(x)` for evaluation, sets the learning rate of every param group that has an
+iteration and `embed(x)` (features and logits; `predict_heads(x)` for extra classifiers) for
+evaluation, sets the learning rate of every param group that has an
 `lr_mult` (to the scheduled lr times it; groups without one keep their own constant lr) and saves
 `checkpoint_state()`. It never looks at which method it is running.
 """
