@@ -25,7 +25,6 @@ from da_runner.status import read_status
 IGNORED_OVERRIDES = ("seed=", "trainer.progress=", "sweep=", "hydra.", "resume=")
 
 
-
 def overrides(run_dir: Path) -> list[str]:
     return yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
 
@@ -107,13 +106,14 @@ def _pm(mean: float, std: float) -> str:
 
 def markdown(table: list[dict]) -> str:
     lines = ["| configuration | n | failed | incomplete | seeds | steps | target acc (final) "
-             "| target acc (selected, no target labels) | minutes/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| target acc (selected, no target labels) | selected by | minutes/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         minutes = "-" if math.isnan(r["minutes_per_run"]) else f"{r['minutes_per_run']:.1f}"
         lines.append(f"| {r['configuration']} | {r['n']} | {r['failed']} | {r['incomplete']} | {r['seeds'] or '-'} "
                      f"| {r['steps'] or '-'} | {_pm(r['target_acc_mean'], r['target_acc_std'])} "
-                     f"| {_pm(r['selected_target_acc_mean'], r['selected_target_acc_std'])} | {minutes} |")
+                     f"| {_pm(r['selected_target_acc_mean'], r['selected_target_acc_std'])} "
+                     f"| {r['selected_by'] or '-'} | {minutes} |")
     return "\n".join(lines) + "\n"
 
 
