@@ -13,16 +13,13 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from da_runner.summarize import find_runs, group_key
+from da_runner.summarize import _mean_std, _pm, find_runs, group_key
 from da_runner.status import read_status
 from da_runner.validators import VALIDATORS
 
 
 def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    return _pm(*_mean_std(values))
 
 
 def main():
