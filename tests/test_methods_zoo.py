@@ -63,6 +63,18 @@ def test_linear_mmd_equals_the_pairwise_formula():
     assert mk_mmd(f_s, f_t, MULTIPLIERS, linear=True).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_mmd_stays_finite_when_the_features_collapse(linear):
+    # A randomly initialised network can minimise the MMD by mapping every sample to one point; the
+    # bandwidth (a multiple of the mean squared distance) must not reach 0 and turn the kernels into 0/0.
+    f_s = torch.ones(6, 3, requires_grad=True)
+    f_t = (torch.ones(6, 3) + 1e-20 * fixed(6, 3, seed=11)).requires_grad_()
+    loss = mk_mmd(f_s, f_t, MULTIPLIERS, linear=linear)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(f_s.grad).all() and torch.isfinite(f_t.grad).all()
+
+
 def test_joint_mmd_multiplies_the_kernels_of_the_layers():
     f_s, f_t = fixed(3, 2, seed=5), fixed(3, 2, seed=6)
     g_s, g_t = torch.softmax(fixed(3, 4, seed=7), 1), torch.softmax(fixed(3, 4, seed=8), 1)
@@ -187,7 +199,9 @@ def assert_parameters(method, expected):
 def test_loss_term_methods_descend_cross_entropy_plus_their_weighted_term(name, term, loss_of):
     method = toy_method(name)
     before, batch, lam = copy.deepcopy(method), toy_batch(), 0.6
-    weight = {"jan": lam, "afn": 0.05, "minent": 0.1}.get(name, 1.0)  # jan ramps with the grl schedule
+    options = method.cfg.method  # the configured weight, times the grl value where the config ramps it
+    weight_key = {"minent": "entropy_weight", "bnm": "bnm_weight"}.get(name, "trade_off")
+    weight = float(options[weight_key]) * (lam if options.ramp_trade_off else 1.0)
 
     def loss_fn(m):
         f = m.features(torch.cat([batch.x_s, batch.x_t]))
@@ -207,6 +221,17 @@ def test_ramp_trade_off_multiplies_the_weight_by_the_grl_value():
         out = method.step(toy_batch(), ctx(lam=lam))
         weight = 2.0 * lam if ramp else 2.0
         assert out["loss"].item() == pytest.approx((out["loss_cls"] + weight * out["loss_mmd"]).item(), rel=1e-6)
+
+
+def test_ramp_trade_off_also_warms_up_the_target_prediction_weights():
+    for ramp, lam in itertools.product([False, True], [0.0, 0.4]):
+        method = toy_method("minent", "method.entropy_weight=0.5", "method.bnm_weight=0.2",
+                            f"method.ramp_trade_off={ramp}")
+        out = method.step(toy_batch(), ctx(lam=lam))
+        assert {"loss_entropy", "loss_bnm"} <= set(out)  # logged even while the ramp is at 0
+        scale = lam if ramp else 1.0
+        added = scale * (0.5 * out["loss_entropy"] + 0.2 * out["loss_bnm"])
+        assert out["loss"].item() == pytest.approx((out["loss_cls"] + added).item(), rel=1e-6)
 
 
 def test_mdd_update_reverses_the_disparity_gradient_into_the_features():

@@ -114,24 +114,29 @@ class Method(nn.Module):
         logits = self.classifier(f)
         return n_s, f, logits, F.cross_entropy(logits[:n_s], batch.y_s)
 
-    def trade_off(self, ctx: StepContext) -> float:
-        """The weight of the method's adaptation term: `method.trade_off`, times the `grl` schedule's
-        current value when `method.ramp_trade_off` is true (the progressive warm-up that DANN's
-        schedule gives, for methods whose papers ramp their weight)."""
-        weight = float(self.cfg.method.get("trade_off", 1.0))
-        return weight * ctx.grl_lambda if self.cfg.method.get("ramp_trade_off", False) else weight
+    def ramp(self, ctx: StepContext) -> float:
+        """The `grl` schedule's current value when `method.ramp_trade_off` is true, else 1: the
+        progressive warm-up of DANN's schedule, for methods whose papers ramp their weight and for
+        networks trained from scratch, whose random initial features and predictions an adaptation
+        term at full weight can lock in before the classifier has learned anything."""
+        return ctx.grl_lambda if self.cfg.method.get("ramp_trade_off", False) else 1.0
 
-    def target_prediction_terms(self, logits_t: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def trade_off(self, ctx: StepContext) -> float:
+        """The weight of the method's adaptation term: `method.trade_off` times `ramp(ctx)`."""
+        return float(self.cfg.method.get("trade_off", 1.0)) * self.ramp(ctx)
+
+    def target_prediction_terms(self, logits_t: torch.Tensor,
+                                ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Entropy minimisation and BNM on the target predictions, weighted by `method.entropy_weight`
-        and `method.bnm_weight` (0 or absent = off). Returns the weighted sum to add to the loss and
-        the unweighted terms to log (`loss_entropy`, `loss_bnm`)."""
+        and `method.bnm_weight` (0 or absent = off) times `ramp(ctx)`. Returns the weighted sum to add
+        to the loss and the unweighted terms to log (`loss_entropy`, `loss_bnm`)."""
         total, terms = torch.zeros((), device=logits_t.device), {}
         for name, weight_key, loss_fn in (("loss_entropy", "entropy_weight", entropy_loss),
                                           ("loss_bnm", "bnm_weight", bnm_loss)):
             weight = float(self.cfg.method.get(weight_key, 0.0))  # >= 0: checked by config.validate
-            if weight > 0:
+            if weight > 0:  # the configured weight: a ramp at 0 still logs the term from the first step
                 term = loss_fn(logits_t)
-                total = total + weight * term
+                total = total + weight * self.ramp(ctx) * term
                 terms[name] = term.detach()
         return total, terms
 
@@ -177,7 +182,7 @@ class LossTermMethod(Method):
             term, logs = adaptation
             loss = loss + self.trade_off(ctx) * term
             terms.update({k: v.detach() for k, v in logs.items()})
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:])
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx)
         loss = loss + loss_target_predictions
         terms.update(target_terms)
         self.optimizer_step(self.optimizers["main"], loss)

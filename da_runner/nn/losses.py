@@ -78,16 +78,24 @@ def bsp_penalty(f_s: torch.Tensor, f_t: torch.Tensor, k: int = 1) -> torch.Tenso
 # MDD, MCC, MinEnt, BNM, AFN).
 
 
+# Far below the mean squared distance of any non-collapsed features, far above float32 underflow.
+MIN_MEAN_SQ_DIST = 1e-6
+
+
 def kernel_bandwidths(setting, sq_dist: torch.Tensor) -> torch.Tensor:
     """Squared bandwidths sigma_u^2 of a Gaussian kernel family -> (U,).
 
     setting: a float, the sigma of a single kernel; or a list of multipliers, sigma_u^2 =
     multiplier_u * mean(sq_dist) (DAN's family around the mean squared distance; the mean is
-    detached so the network cannot shrink the MMD by inflating the bandwidth).
+    detached so the network cannot shrink the MMD by inflating the bandwidth). The mean is floored
+    at MIN_MEAN_SQ_DIST: when the features of a batch collapse to one point (a randomly initialised
+    network can get there by minimising the MMD before it learns to classify), a zero bandwidth
+    would make every kernel 0/0.
     """
     if isinstance(setting, (int, float)):
         return torch.tensor([float(setting) ** 2], dtype=sq_dist.dtype, device=sq_dist.device)
-    return torch.as_tensor(list(setting), dtype=sq_dist.dtype, device=sq_dist.device) * sq_dist.detach().mean()
+    mean_sq_dist = sq_dist.detach().mean().clamp_min(MIN_MEAN_SQ_DIST)
+    return torch.as_tensor(list(setting), dtype=sq_dist.dtype, device=sq_dist.device) * mean_sq_dist
 
 
 def gaussian_kernels(sq_dist: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
