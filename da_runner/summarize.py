@@ -1,7 +1,7 @@
 """`da-summarize <sweep dir>`: one row per configuration of a sweep, mean ± std over its seeds.
 
-A configuration is a job's command-line overrides minus `seed` and keys that only change how a run
-is shown (`trainer.progress`, `sweep=...`). Each row counts the completed runs (n), the failed and
+A configuration is a job's command-line overrides minus `seed` and keys that do not change what is
+trained (`trainer.progress`, `trainer.analysis`, `sweep=...`). Each row counts the completed runs (n), the failed and
 the incomplete ones (still running, killed, or never started past Hydra's setup), and reports final
 target accuracy and the target accuracy of the checkpoint chosen without target labels (mean ± std
 over the completed seeds), the step budget and minutes per run. Works on a sweep that is still
@@ -22,7 +22,7 @@ import yaml
 from da_runner.status import read_status
 
 # Overrides that do not change what a run computes, or that vary within a group of repeats.
-IGNORED_OVERRIDES = ("seed=", "trainer.progress=", "sweep=", "hydra.", "resume=")
+IGNORED_OVERRIDES = ("seed=", "trainer.progress=", "trainer.analysis=", "sweep=", "hydra.", "resume=")
 
 
 def overrides(run_dir: Path) -> list[str]:
