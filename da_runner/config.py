@@ -52,8 +52,8 @@ def validate(cfg: DictConfig) -> None:
                         f"got {cfg.trainer.select!r}")
     if not _is_int(cfg.trainer.validation_samples) or cfg.trainer.validation_samples < 2:
         raise UserError(f"trainer.validation_samples must be an integer >= 2, got {cfg.trainer.validation_samples!r}")
-    for key, value in cfg.method.items():  # the loss weights of every method
-        if (key.endswith("_weight") or key == "trade_off") and (not _is_number(value) or value < 0):
+    for key, value in cfg.method.items():  # the loss weights and gradient scales of every method
+        if (key.endswith(("_weight", "_scale")) or key == "trade_off") and (not _is_number(value) or value < 0):
             raise UserError(f"method.{key} must be a number >= 0, got {value!r}")
     if not _is_number(cfg.grl.hi):
         raise UserError(f"grl.hi must be a number, got {cfg.grl.hi!r}")

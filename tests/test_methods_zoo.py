@@ -234,8 +234,9 @@ def test_ramp_trade_off_also_warms_up_the_target_prediction_weights():
         assert out["loss"].item() == pytest.approx((out["loss_cls"] + added).item(), rel=1e-6)
 
 
-def test_mdd_update_reverses_the_disparity_gradient_into_the_features():
-    method, lam = toy_method("mdd"), 0.7
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_mdd_update_reverses_the_disparity_gradient_into_the_features(scale):
+    method, lam = toy_method("mdd", f"method.reversal_scale={scale}"), 0.7
     before, batch = copy.deepcopy(method), toy_batch()
 
     def parts(m):
@@ -244,8 +245,8 @@ def test_mdd_update_reverses_the_disparity_gradient_into_the_features():
         predicted = logits.argmax(1)
         return logits, mdd_adversary_loss(logits_adv[:6], logits_adv[6:], predicted[:6], predicted[6:], 4.0)
 
-    expected = expected_sgd_update(before, lambda m: F.cross_entropy(parts(m)[0][:6], batch.y_s), "features.", lam,
-                                   lambda m: parts(m)[1])
+    expected = expected_sgd_update(before, lambda m: F.cross_entropy(parts(m)[0][:6], batch.y_s), "features.",
+                                   scale * lam, lambda m: parts(m)[1])
     out = method.step(batch, ctx(lam=lam))
     assert out["loss_mdd"].item() == pytest.approx(parts(before)[1].item(), rel=1e-5)
     assert_parameters(method, expected)
@@ -336,10 +337,11 @@ def test_oracle_learns_from_target_labels_only():
     assert_parameters(method, expected)
 
 
-@pytest.mark.parametrize("override", ["method.trade_off=-1", "method.entropy_weight=-0.5", "method.bnm_weight=abc"])
+@pytest.mark.parametrize("override", ["method.trade_off=-1", "method.entropy_weight=-0.5", "method.bnm_weight=abc",
+                                      "method.reversal_scale=-0.1"])
 def test_negative_or_non_numeric_weights_are_refused(tmp_path, override):
     name = override.split(".")[1].split("=")[0]
-    method = "dan" if name != "bnm_weight" else "bnm"
+    method = {"bnm_weight": "bnm", "reversal_scale": "mdd"}.get(name, "dan")
     with pytest.raises(UserError, match=f"method.{name} must be a number >= 0"):
         train(make_cfg(f"method={method}", override, *TINY_TOY, "trainer.max_steps=2"), tmp_path)
 
