@@ -12,7 +12,7 @@ where h_f is f's argmax label and gamma the margin. `train/loss_mdd` logs -D_gam
 minimises. The reversal coefficient is `reversal_scale` times the `grl` schedule's value: a warm
 start from 0 that saturates at 0.1 by default, the value public MDD implementations use (e.g. the
 Transfer-Learning-Library); at 1 the features overpower the auxiliary classifier (embedded pair,
-seed 0: 0.507 target accuracy against 0.61 at 0.1). Options (configs/method/mdd.yaml): margin
+seed 0: 0.507 target accuracy against 0.626 at 0.1). Options (configs/method/mdd.yaml): margin
 (paper: 4 for digits and Office-31), reversal_scale (0.1), trade_off (paper: 1), ramp_trade_off.
 """
 
