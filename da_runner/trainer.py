@@ -146,8 +146,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     last_checked = start_step
     for step in range(start_step, max_steps):
         p = step / max_steps
-        ctx = StepContext(step=step, max_steps=max_steps, progress=p, grl_lambda=grl_lambda(p, cfg.grl),
-                          lr=float(cfg.optim.lr) * lr_factor(p, cfg.optim))
+        ctx = StepContext(step=step, max_steps=max_steps, progress=p, grl_lambda=grl_lambda(step, max_steps, cfg.grl),
+                          lr=float(cfg.optim.lr) * lr_factor(step, max_steps, cfg.optim))
         for optimizer in method.optimizers.values():
             for group in optimizer.param_groups:
                 if "lr_mult" in group:  # groups without it keep a constant lr of their own

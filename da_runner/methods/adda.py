@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext, build_optimizer
 from da_runner.methods.registry import register
-from da_runner.nn.backbones import build_backbone
+from da_runner.nn.backbones import build_features
 from da_runner.nn.heads import mlp_head
 from da_runner.nn.losses import domain_loss_and_acc
 
@@ -36,7 +36,7 @@ class ADDA(Method):
         self.pretrain_steps = int(options.pretrain_steps)
         if self.pretrain_steps < 0:
             raise UserError(f"method.pretrain_steps must be >= 0, got {self.pretrain_steps}")
-        self.target_features = build_backbone(cfg.backbone, input_shape)
+        self.target_features = build_features(cfg.backbone, input_shape)
         self.discriminator = mlp_head(self.features.out_features, options.discriminator, 2)
         # A flag in the state dict, so a resumed run knows whether the target encoder was initialised.
         self.register_buffer("stage2_started", torch.zeros((), dtype=torch.bool))
@@ -44,8 +44,7 @@ class ADDA(Method):
                                         "betas": list(options.adversarial_betas), "weight_decay": 0.0})
         # Param groups without "lr_mult" keep their own learning rate: the trainer's schedule skips them.
         self.optimizers = {
-            "source": build_optimizer(
-                [{"params": [*self.features.parameters(), *self.classifier.parameters()], "lr_mult": 1.0}], cfg.optim),
+            "source": build_optimizer(self.param_groups(self.features, self.classifier), cfg.optim),
             "discriminator": build_optimizer([{"params": self.discriminator.parameters()}], adversarial),
             "target": build_optimizer([{"params": self.target_features.parameters()}], adversarial),
         }

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from da_runner.errors import UserError
-from da_runner.nn.backbones import build_backbone
-from da_runner.nn.heads import mlp_head
+from da_runner.nn.backbones import FeatureExtractor, build_features
+from da_runner.nn.heads import label_head
 from da_runner.nn.losses import bnm_loss, entropy_loss
 
 
@@ -55,6 +55,32 @@ def build_optimizer(param_groups, cfg) -> torch.optim.Optimizer:
     raise UserError(f"unknown optimizer {cfg.name!r}; available: adam, sgd")
 
 
+LR_GROUPS = ("backbone", "bottleneck", "heads")
+
+
+def lr_param_groups(modules, lr_mult) -> list[dict]:
+    """The parameters of `modules` in up to three param groups, each with its `lr_mult` (the trainer
+    sets lr = scheduled lr * lr_mult): the backbone and the bottleneck of every FeatureExtractor
+    among them, and everything else ("heads": classifiers, discriminators, ...). Fine-tuning a
+    pretrained backbone at a tenth of the heads' rate is `optim.lr_mult.backbone=0.1`."""
+    role = {}
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, FeatureExtractor):
+                role.update({id(p): "backbone" for p in sub.backbone.parameters()})
+                role.update({id(p): "bottleneck" for p in sub.bottleneck.parameters()})
+    grouped: dict[str, list] = {name: [] for name in LR_GROUPS}
+    seen = set()
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                grouped[role.get(id(param), "heads")].append(param)
+    mult = lr_mult if lr_mult is not None else {}
+    return [{"params": params, "lr_mult": float(mult.get(name, 1.0)), "group": name}
+            for name, params in grouped.items() if params]
+
+
 class Method(nn.Module):
     """Base class: a feature extractor + label classifier, one optimizer over all parameters.
 
@@ -70,12 +96,16 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.features = build_backbone(cfg.backbone, input_shape)
-        self.classifier = mlp_head(self.features.out_features, cfg.backbone.label_head, num_classes)
+        self.features = build_features(cfg.backbone, input_shape)  # G: backbone + bottleneck
+        self.classifier = label_head(cfg.backbone, self.features.out_features, num_classes)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
 
+    def param_groups(self, *modules: nn.Module) -> list[dict]:
+        """Param groups of `modules` (default: the whole method) with `optim.lr_mult`'s multipliers."""
+        return lr_param_groups(modules or (self,), self.cfg.optim.get("lr_mult"))
+
     def setup_optimizers(self) -> None:
-        self.optimizers = {"main": build_optimizer([{"params": self.parameters(), "lr_mult": 1.0}], self.cfg.optim)}
+        self.optimizers = {"main": build_optimizer(self.param_groups(), self.cfg.optim)}
 
     def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
         """One training iteration. Returns scalar terms, logged as `train/<key>`.

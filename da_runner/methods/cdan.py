@@ -3,8 +3,11 @@
 The discriminator is conditioned on the classifier's predictions: it sees the multilinear map
 T(f, g) = g ⊗ f of the features f (N, d) and the softmax predictions g (N, C), so aligning the
 domains aligns the joint distribution of features and classes, not just the features. g is
-detached (it conditions, it is not trained through D). When d * C exceeds `max_multilinear_dim`
-(4096 in the paper) the randomized map (R_f f) ⊙ (R_g g) / sqrt(randomized_dim) replaces it.
+detached (it conditions, it is not trained through D). By default the full map is used, as in
+CDAN's digits code and Transfer-Learning-Library, with their wide discriminator (1024-1024 with
+BatchNorm; configs/method/cdan.yaml); `randomized: true` uses the randomized map
+(R_f f) ⊙ (R_g g) / sqrt(randomized_dim) instead, and `randomized: null` follows the paper's rule
+(randomized when d * C exceeds `max_multilinear_dim`, 4096).
 
 CDAN+E (`method=cdan_e`) weights each sample's domain loss by 1 + exp(-H(g)), normalised over the
 batch, so that confident (easy-to-transfer) samples count more.
@@ -27,7 +30,7 @@ class CDAN(DANN):
         """Called by DANN.__init__ before it builds the discriminator: chooses the map."""
         options, d, c = self.cfg.method, self.features.out_features, self.num_classes
         randomized = options.get("randomized")
-        if randomized is None:  # automatic, as in the paper
+        if randomized is None:  # the paper's rule
             randomized = d * c > int(options.get("max_multilinear_dim", 4096))
         self.random_map = RandomizedMultilinearMap(d, c, int(options.get("randomized_dim", 1024))) if randomized else None
         return self.random_map.output_dim if randomized else d * c

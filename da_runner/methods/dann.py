@@ -25,7 +25,7 @@ from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 from da_runner.nn.grl import grad_reverse
-from da_runner.nn.heads import mlp_head
+from da_runner.nn.heads import domain_head
 from da_runner.nn.losses import bsp_penalty, domain_loss_and_acc
 
 
@@ -40,7 +40,7 @@ class DANN(Method):
         self.bsp_k = int(cfg.method.get("bsp_k", 1))
         if self.bsp_k < 1:
             raise UserError(f"method.bsp_k must be >= 1, got {self.bsp_k}")
-        self.discriminator = mlp_head(self.adversary_input_dim(), cfg.backbone.domain_head, outputs)
+        self.discriminator = domain_head(cfg.backbone, self.adversary_input_dim(), outputs)
         self.setup_optimizers()
 
     def adversary_input_dim(self) -> int:

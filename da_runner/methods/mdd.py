@@ -20,7 +20,7 @@ seed 0: 0.507 target accuracy against 0.626 at 0.1). Options (configs/method/mdd
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 from da_runner.nn.grl import grad_reverse
-from da_runner.nn.heads import mlp_head
+from da_runner.nn.heads import label_head
 from da_runner.nn.losses import mdd_adversary_loss
 
 
@@ -28,7 +28,7 @@ from da_runner.nn.losses import mdd_adversary_loss
 class MDD(Method):
     def __init__(self, cfg, input_shape, num_classes):
         super().__init__(cfg, input_shape, num_classes)
-        self.adversary = mlp_head(self.features.out_features, cfg.backbone.label_head, num_classes)
+        self.adversary = label_head(cfg.backbone, self.features.out_features, num_classes)  # f', shaped as f
         self.setup_optimizers()
 
     def step(self, batch: Batch, ctx: StepContext):

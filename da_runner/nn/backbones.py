@@ -35,18 +35,30 @@ class DannMnist(nn.Module):
     """The MNIST network of Ganin et al. (JMLR 2016): conv5x5(32) - maxpool2 - conv5x5(48) - maxpool2.
 
     For 28x28 inputs the features are 48 * 4 * 4 = 768. The paper's heads (label 100-100-10,
-    domain 100-1) are set in configs/backbone/dann_mnist.yaml.
+    domain 100-1) are set in configs/backbone/dann_mnist.yaml. Options (all off in the paper's
+    network): `channels` (the two conv widths), `batch_norm` (BatchNorm after each conv) and
+    `dropout` (Dropout2d after the second conv): the BatchNorm + dropout variant of public DANN
+    reimplementations (configs/backbone/dann_mnist_bn.yaml).
     """
 
     def __init__(self, input_shape: tuple[int, ...], cfg=None):
         super().__init__()
         _require_image("dann_mnist", input_shape, 12)
-        self.net = nn.Sequential(
+        get = (lambda key, default: cfg.get(key, default)) if cfg is not None else (lambda key, default: default)
+        c1, c2 = (int(c) for c in get("channels", [32, 48]))
+        batch_norm, dropout = bool(get("batch_norm", False)), float(get("dropout", 0.0))
+        layers: list[nn.Module] = []
+        width = input_shape[0]
+        for i, channels in enumerate((c1, c2)):
+            layers.append(nn.Conv2d(width, channels, 5))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(channels))
+            if i == 1 and dropout > 0:
+                layers.append(nn.Dropout2d(dropout))
             # ReLU after pooling: the same function (max and ReLU commute) on a 4x smaller tensor.
-            nn.Conv2d(input_shape[0], 32, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 48, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),
-            nn.Flatten(),
-        )
+            layers += [nn.MaxPool2d(2), nn.ReLU(inplace=True)]
+            width = channels
+        self.net = nn.Sequential(*layers, nn.Flatten())
         self.out_features = _flat_size(self.net, input_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +153,57 @@ BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet"
 
 
 def build_backbone(cfg, input_shape: tuple[int, ...]) -> nn.Module:
-    """Build the feature extractor named by `backbone.name` for inputs of `input_shape`."""
+    """Build the network named by `backbone.name` for inputs of `input_shape` (without the bottleneck)."""
     if cfg.name not in BACKBONES:
         raise UserError(f"unknown backbone {cfg.name!r}; available: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[cfg.name](tuple(input_shape), cfg)
+
+
+class L2PreservedDropout(nn.Dropout):
+    """Dropout that keeps the expected squared L2 norm of its input (AFN, Xu et al., ICCV 2019): kept
+    units are scaled by 1 / sqrt(1 - p) in training instead of 1 / (1 - p), so the feature norms
+    AFN enlarges are the same in training and evaluation on average."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * math.sqrt(1.0 - self.p) if self.training else out
+
+
+class FeatureExtractor(nn.Module):
+    """The backbone followed by the optional bottleneck: what every method calls its features G(x).
+
+    The bottleneck (`backbone.bottleneck.width`; null: none) is Linear -> BatchNorm (optional) ->
+    ReLU -> Dropout (optional), the block Transfer-Learning-Library puts between the backbone and
+    the heads of every method (256 wide with BatchNorm on digits; 1024 with dropout for MDD).
+    The two parts are separate modules so each gets its own learning-rate multiplier
+    (`optim.lr_mult.backbone`, `optim.lr_mult.bottleneck`).
+    """
+
+    def __init__(self, cfg, input_shape: tuple[int, ...]):
+        super().__init__()
+        self.backbone = build_backbone(cfg, input_shape)
+        options = cfg.get("bottleneck") or {}
+        width = options.get("width")
+        if width is None:
+            self.bottleneck = nn.Identity()
+            self.out_features = self.backbone.out_features
+        else:
+            if int(width) < 1:
+                raise UserError(f"backbone.bottleneck.width must be a positive integer or null, got {width}")
+            layers: list[nn.Module] = [nn.Linear(self.backbone.out_features, int(width))]
+            if options.get("batch_norm", True):
+                layers.append(nn.BatchNorm1d(int(width)))
+            layers.append(nn.ReLU(inplace=True))
+            if float(options.get("dropout", 0.0)) > 0:
+                dropout = L2PreservedDropout if options.get("l2_dropout", False) else nn.Dropout
+                layers.append(dropout(float(options.dropout)))
+            self.bottleneck = nn.Sequential(*layers)
+            self.out_features = int(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(self.backbone(x))
+
+
+def build_features(cfg, input_shape: tuple[int, ...]) -> FeatureExtractor:
+    """The feature extractor G of the `backbone` config node: backbone + bottleneck."""
+    return FeatureExtractor(cfg, tuple(input_shape))

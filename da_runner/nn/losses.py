@@ -157,6 +157,13 @@ def classifier_discrepancy(logits_1: torch.Tensor, logits_2: torch.Tensor) -> to
     return (F.softmax(logits_1, dim=1) - F.softmax(logits_2, dim=1)).abs().mean()
 
 
+def class_balance_loss(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """-mean_k log(mean_i p_ik): the cross-entropy between the uniform class distribution and the
+    batch's mean prediction, smallest (log C) when the predictions spread evenly over the classes.
+    Transfer-Learning-Library's MCD adds it on target predictions. (N, C) -> scalar."""
+    return -torch.log(F.softmax(logits, dim=1).mean(0) + eps).mean()
+
+
 def mdd_adversary_loss(logits_adv_s: torch.Tensor, logits_adv_t: torch.Tensor, pred_s: torch.Tensor,
                        pred_t: torch.Tensor, margin: float) -> torch.Tensor:
     """The loss MDD's auxiliary classifier f' minimises (Zhang et al., ICML 2019), i.e. minus the
@@ -196,9 +203,10 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def bnm_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Batch nuclear-norm maximisation (Cui et al., CVPR 2020): minus the nuclear norm of the (N, C)
-    prediction matrix, divided by N. (N, C) -> scalar."""
-    return -torch.linalg.svdvals(F.softmax(logits, dim=1)).sum() / len(logits)
+    """Batch nuclear-norm maximisation (Cui et al., CVPR 2020): minus the mean singular value of the
+    (N, C) prediction matrix, i.e. its nuclear norm divided by min(N, C), as the official code
+    computes it (the paper's text divides by N: 6.4 times weaker at N = 64, C = 10). (N, C) -> scalar."""
+    return -torch.linalg.svdvals(F.softmax(logits, dim=1)).mean()
 
 
 def afn_loss(f: torch.Tensor, delta_r: float = 1.0, radius: float | None = None) -> torch.Tensor:
