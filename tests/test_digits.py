@@ -191,7 +191,24 @@ def test_adda_protocol_sizes():
 def test_experiments_compose(experiment):
     cfg = make_cfg(f"experiment={experiment}")
     assert experiment.startswith(cfg.method.name + "_") and cfg.data.name in experiment
-    assert cfg.trainer.batch_size == 64 and cfg.optim.name == "sgd" and cfg.grl.name == "ganin"
+    if experiment.endswith(("_paper", "_toy2d")):  # the DANN paper's recipe
+        assert cfg.trainer.batch_size == 64 and cfg.optim.name == "sgd" and cfg.grl.name == "ganin"
+        assert cfg.optim.schedule == "ganin" and not cfg.optim.nesterov
+    elif experiment.endswith("_strong"):  # the BatchNorm DANN reimplementations' recipe
+        assert cfg.trainer.batch_size == 128 and cfg.optim.name == "adam" and cfg.optim.schedule == "constant"
+        assert cfg.grl.name == "ganin" and cfg.method.get("domain_outputs", 2) == 2
+        assert (list(cfg.backbone.channels), cfg.backbone.batch_norm, cfg.backbone.dropout) == ([64, 50], True, 0.5)
+        assert cfg.backbone.label_head_batch_norm and cfg.backbone.domain_head_batch_norm
+    else:  # Transfer-Learning-Library's digits recipe
+        assert cfg.trainer.batch_size == 128 and cfg.trainer.max_steps == 50000
+        assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
+        assert cfg.optim.schedule == "inv" and cfg.optim.decay == 0.75 and cfg.grl.name == "warm_start"
+        # adaptation methods on the 256-d BatchNorm bottleneck, the ERM baseline without one
+        width = None if cfg.method.name == "source_only" else 256
+        assert cfg.backbone.bottleneck.width == width and cfg.backbone.name in ("lenet", "dtn")
+        if cfg.method.name.startswith("cdan"):  # the full map into TLL's 1024-1024 BatchNorm discriminator
+            assert cfg.method.randomized is False
+            assert list(cfg.backbone.domain_head) == [1024, 1024] and cfg.backbone.domain_head_batch_norm
 
 
 REAL_ROOT = os.environ.get("DA_DATA_ROOT")

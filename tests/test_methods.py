@@ -49,7 +49,7 @@ def test_dann_loss_and_update_match_hand_computation(domain_outputs):
 
     # By hand, from the parameters before the step.
     params = {n: p.detach().clone().requires_grad_() for n, p in before.named_parameters()}
-    feats = [(params[f"features.net.{i}.weight"], params[f"features.net.{i}.bias"]) for i in (1,)]
+    feats = [(params[f"features.backbone.net.{i}.weight"], params[f"features.backbone.net.{i}.bias"]) for i in (1,)]
     f = mlp_forward(torch.cat([batch.x_s, batch.x_t]), feats, final_relu=True)
     cls = [(params["classifier.0.weight"], params["classifier.0.bias"])]
     logits = mlp_forward(f[:4], cls, final_relu=False)

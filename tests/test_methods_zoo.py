@@ -94,10 +94,15 @@ def test_coral_equals_explicit_covariances():
     assert coral_loss(f_s, f_t).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_bnm_is_minus_the_nuclear_norm_over_the_batch():
+def test_bnm_is_minus_the_mean_singular_value():
+    # The official code's normalisation: the nuclear norm over min(N, C) singular values (not over N).
     logits = fixed(5, 3, seed=11)
     p = torch.softmax(logits, 1).numpy()
-    assert bnm_loss(logits).item() == pytest.approx(-np.linalg.norm(p, "nuc") / 5, rel=1e-5)
+    assert bnm_loss(logits).item() == pytest.approx(-np.linalg.norm(p, "nuc") / 3, rel=1e-5)
+    wide = fixed(2, 4, seed=12)  # N < C: two singular values
+    assert bnm_loss(wide).item() == pytest.approx(-np.linalg.norm(torch.softmax(wide, 1).numpy(), "nuc") / 2, rel=1e-5)
+    # One-hot predictions on distinct classes: every singular value is 1.
+    assert bnm_loss(50 * torch.eye(3)).item() == pytest.approx(-1.0, abs=1e-5)
     # Confident and diverse predictions have the larger nuclear norm (the lower loss).
     diverse, collapsed = 10 * torch.eye(3), 10 * torch.tensor([[1.0, 0, 0]] * 3)
     assert bnm_loss(diverse) < bnm_loss(collapsed)
@@ -181,6 +186,15 @@ def expected_sgd_update(before, loss_fn, reversed_prefix=None, lam=1.0, reversed
     return {n: p.detach() - lr * total[n] for n, p in params.items()}
 
 
+def seeded(fn, seed=7):
+    """fn, run after seeding the global generator: the same dropout masks in every call (the
+    reference bottlenecks and heads have dropout; the method's own step is run under the same seed)."""
+    def run(*args):
+        torch.manual_seed(seed)
+        return fn(*args)
+    return run
+
+
 def assert_parameters(method, expected):
     for name, value in method.named_parameters():
         assert torch.allclose(value, expected[name], atol=1e-6), name
@@ -192,7 +206,8 @@ def assert_parameters(method, expected):
         [f_s, torch.softmax(l_s, 1)], [f_t, torch.softmax(l_t, 1)], [[0.125, 0.25, 0.5, 1.0, 2.0], 0.92])),
     ("deepcoral", "loss_coral", lambda f_s, f_t, l_s, l_t: coral_loss(f_s, f_t)),
     ("mcc", "loss_mcc", lambda f_s, f_t, l_s, l_t: mcc_loss(l_t, 2.5)),
-    ("afn", "loss_afn", lambda f_s, f_t, l_s, l_t: afn_loss(torch.cat([f_s, f_t]), 1.0)),
+    # AFN: one stepwise term per domain, summed (delta_r 0.1: configs/method/afn.yaml)
+    ("afn", "loss_afn", lambda f_s, f_t, l_s, l_t: afn_loss(f_s, 0.1) + afn_loss(f_t, 0.1)),
     ("minent", "loss_entropy", lambda f_s, f_t, l_s, l_t: entropy_loss(l_t)),
     ("bnm", "loss_bnm", lambda f_s, f_t, l_s, l_t: bnm_loss(l_t)),
 ])
@@ -201,15 +216,21 @@ def test_loss_term_methods_descend_cross_entropy_plus_their_weighted_term(name, 
     before, batch, lam = copy.deepcopy(method), toy_batch(), 0.6
     options = method.cfg.method  # the configured weight, times the grl value where the config ramps it
     weight_key = {"minent": "entropy_weight", "bnm": "bnm_weight"}.get(name, "trade_off")
-    weight = float(options[weight_key]) * (lam if options.ramp_trade_off else 1.0)
+    ramp = lam if options.ramp_trade_off else 1.0
+    weight = float(options[weight_key]) * ramp
+    # Target-prediction add-ons the method's config turns on besides its own term (AFN: entropy 0.03).
+    add_ons = [(float(options.get(key, 0.0)) * ramp, fn) for key, fn in
+               (("entropy_weight", entropy_loss), ("bnm_weight", bnm_loss)) if key != weight_key]
 
+    @seeded
     def loss_fn(m):
         f = m.features(torch.cat([batch.x_s, batch.x_t]))
         logits = m.classifier(f)
-        return F.cross_entropy(logits[:6], batch.y_s) + weight * loss_of(f[:6], f[6:], logits[:6], logits[6:])
+        return (F.cross_entropy(logits[:6], batch.y_s) + weight * loss_of(f[:6], f[6:], logits[:6], logits[6:])
+                + sum(w * fn(logits[6:]) for w, fn in add_ons))
 
     expected = expected_sgd_update(before, loss_fn)
-    out = method.step(batch, ctx(lam=lam))
+    out = seeded(method.step)(batch, ctx(lam=lam))
     assert term in out  # logged as train/<term>
     assert out["loss"].item() == pytest.approx(loss_fn(before).item(), rel=1e-5)
     assert_parameters(method, expected)
@@ -239,6 +260,7 @@ def test_mdd_update_reverses_the_disparity_gradient_into_the_features(scale):
     method, lam = toy_method("mdd", f"method.reversal_scale={scale}"), 0.7
     before, batch = copy.deepcopy(method), toy_batch()
 
+    @seeded  # the same dropout masks (MDD's bottleneck and heads) in each call and in the step
     def parts(m):
         f = m.features(torch.cat([batch.x_s, batch.x_t]))
         logits, logits_adv = m.classifier(f), m.adversary(f)
@@ -247,7 +269,7 @@ def test_mdd_update_reverses_the_disparity_gradient_into_the_features(scale):
 
     expected = expected_sgd_update(before, lambda m: F.cross_entropy(parts(m)[0][:6], batch.y_s), "features.",
                                    scale * lam, lambda m: parts(m)[1])
-    out = method.step(batch, ctx(lam=lam))
+    out = seeded(method.step)(batch, ctx(lam=lam))
     assert out["loss_mdd"].item() == pytest.approx(parts(before)[1].item(), rel=1e-5)
     assert_parameters(method, expected)
 
@@ -304,7 +326,7 @@ def test_mcd_reports_both_classifiers_and_their_ensemble(tmp_path):
     assert {"target_acc_c1", "target_acc_c2", "source_acc_c1", "source_acc_c2"} <= set(metrics)
     assert {"eval/target_acc_c1", "eval/target_acc_c2"} <= set(scalar_tags(tmp_path).Tags()["scalars"])
 
-    method = toy_method("mcd")
+    method = toy_method("mcd").eval()  # as evaluation runs it: no dropout in the heads, BatchNorm's running statistics
     x = fixed(7, 2, seed=30)
     heads = method.predict_heads(x)
     mean_p = (torch.softmax(heads["c1"], 1) + torch.softmax(heads["c2"], 1)) / 2

@@ -16,7 +16,7 @@ from torch import nn
 from da_runner.errors import UserError
 from da_runner.nn.backbones import FeatureExtractor, build_features
 from da_runner.nn.heads import label_head
-from da_runner.nn.losses import bnm_loss, entropy_loss
+from da_runner.nn.losses import bnm_loss, class_balance_loss, entropy_loss
 
 
 @dataclass(frozen=True)
@@ -134,13 +134,20 @@ class Method(nn.Module):
         return {}
 
     def forward_both(self, batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward pass over source and target together (half the kernel launches of two passes).
+        """The features and logits of source and target, in one forward pass over both (half the
+        kernel launches of two passes), or, with `method.separate_forward: true`, in one pass per
+        domain, so that BatchNorm layers normalise each domain with its own batch statistics (the
+        public DANN reimplementations with BatchNorm networks do this; without BatchNorm the two are
+        the same function).
 
         Returns n_s (the number of source rows), the features f (N_s + N_t, d), the logits
         (N_s + N_t, C) and the source cross-entropy.
         """
         n_s = len(batch.x_s)
-        f = self.features(torch.cat([batch.x_s, batch.x_t]))
+        if self.cfg.method.get("separate_forward", False):
+            f = torch.cat([self.features(batch.x_s), self.features(batch.x_t)])
+        else:
+            f = self.features(torch.cat([batch.x_s, batch.x_t]))
         logits = self.classifier(f)
         return n_s, f, logits, F.cross_entropy(logits[:n_s], batch.y_s)
 
@@ -157,12 +164,15 @@ class Method(nn.Module):
 
     def target_prediction_terms(self, logits_t: torch.Tensor,
                                 ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Entropy minimisation and BNM on the target predictions, weighted by `method.entropy_weight`
-        and `method.bnm_weight` (0 or absent = off) times `ramp(ctx)`. Returns the weighted sum to add
-        to the loss and the unweighted terms to log (`loss_entropy`, `loss_bnm`)."""
+        """Entropy minimisation, BNM and the class-balance (diversity) term on the target predictions,
+        weighted by `method.entropy_weight`, `method.bnm_weight` and `method.balance_weight` (0 or
+        absent = off) times `ramp(ctx)`. Entropy plus balance is information maximisation (IM).
+        Returns the weighted sum to add to the loss and the unweighted terms to log (`loss_entropy`,
+        `loss_bnm`, `loss_balance`)."""
         total, terms = torch.zeros((), device=logits_t.device), {}
         for name, weight_key, loss_fn in (("loss_entropy", "entropy_weight", entropy_loss),
-                                          ("loss_bnm", "bnm_weight", bnm_loss)):
+                                          ("loss_bnm", "bnm_weight", bnm_loss),
+                                          ("loss_balance", "balance_weight", class_balance_loss)):
             weight = float(self.cfg.method.get(weight_key, 0.0))  # >= 0: checked by config.validate
             if weight > 0:  # the configured weight: a ramp at 0 still logs the term from the first step
                 term = loss_fn(logits_t)
