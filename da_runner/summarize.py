@@ -117,6 +117,30 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def method_by_pair(groups: list[Group]) -> str:
+    """The benchmark layout of docs/benchmarks.md: one row per method, two columns per data pair
+    (final target accuracy; target accuracy of the checkpoint chosen without target labels), each
+    mean ± std over the completed seeds with their count. Configurations that differ in more than
+    the method and the pair are pooled, so use it on sweeps like `sweep=digits_table`."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for g in groups:
+        for m in g.metrics:
+            cells.setdefault((m["method"], m["data"]), []).append(m)
+    methods = list(dict.fromkeys(method for method, _ in cells))
+    pairs = sorted({pair for _, pair in cells})
+    header = "| method | " + " | ".join(f"{p}: final | {p}: selected" for p in pairs) + " |"
+    lines = [header, "| --- |" + " --- | --- |" * len(pairs)]
+    for method in methods:
+        row = [method + (" (target labels)" if any(m.get("uses_target_labels") for p in pairs
+                                                    for m in cells.get((method, p), [])) else "")]
+        for pair in pairs:
+            runs = cells.get((method, pair), [])
+            for key in ("target_acc", "selected_target_acc"):
+                row.append(f"{_pm(*_mean_std([m[key] for m in runs]))} ({len(runs)})" if runs else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(table: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["configuration"])
@@ -141,6 +165,8 @@ def main(argv=None) -> int:
         return 1
     table = rows(groups)
     text = markdown(table)
+    if len({m["method"] for g in groups for m in g.metrics}) > 1:
+        text += "\nBy method and pair (mean ± std (seeds); selected: without target labels):\n\n" + method_by_pair(groups)
     print(text, end="")
     for g in groups:
         for error in g.errors:
