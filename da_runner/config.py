@@ -61,6 +61,30 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"grl.name must be one of {', '.join(GRL_SCHEDULES)}, got {cfg.grl.name!r}")
     if cfg.optim.schedule not in LR_SCHEDULES:
         raise UserError(f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.optim.schedule!r}")
+    if cfg.grl.name == "warm_start" and (not _is_number(cfg.grl.max_iters) or cfg.grl.max_iters <= 0):
+        raise UserError(f"grl.max_iters must be a number > 0, got {cfg.grl.max_iters!r}")
+    ramp_steps = cfg.grl.get("ramp_steps")
+    if ramp_steps is not None and (not _is_int(ramp_steps) or ramp_steps <= 0):
+        raise UserError(f"grl.ramp_steps must be null or a positive integer, got {ramp_steps!r}")
+    for key in ("gamma", "decay"):
+        value = cfg.optim.get(key, 0.0)
+        if not _is_number(value) or value < 0:
+            raise UserError(f"optim.{key} must be a number >= 0, got {value!r}")
+    for group, value in (cfg.optim.get("lr_mult") or {}).items():
+        if not _is_number(value) or value < 0:
+            raise UserError(f"optim.lr_mult.{group} must be a number >= 0, got {value!r}")
+    bottleneck = cfg.backbone.get("bottleneck") or {}
+    width = bottleneck.get("width")
+    if width is not None and (not _is_int(width) or width <= 0):
+        raise UserError(f"backbone.bottleneck.width must be null or a positive integer, got {width!r}")
+    for key, value in (("backbone.bottleneck.dropout", bottleneck.get("dropout", 0.0)),
+                       ("backbone.label_head_dropout", cfg.backbone.get("label_head_dropout", 0.0)),
+                       ("backbone.domain_head_dropout", cfg.backbone.get("domain_head_dropout", 0.0))):
+        if not _is_number(value) or not 0 <= value < 1:
+            raise UserError(f"{key} must be a number in [0, 1), got {value!r}")
+    momentum = cfg.method.get("feature_momentum")
+    if momentum is not None and (not _is_number(momentum) or momentum < 0):
+        raise UserError(f"method.feature_momentum must be null or a number >= 0, got {momentum!r}")
     if not _is_int(cfg.seed):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):

@@ -356,12 +356,13 @@ def test_mcd_updates_a_and_b_add_the_weighted_class_balance_of_both_classifiers(
     before = copy.deepcopy(method)
     c1, c2, g = before.classifier, before.classifier2, before.features
 
-    # A: features and both classifiers descend CE_1 + CE_2 (source) + bw * (balance_1 + balance_2) (target).
+    # A: features and both classifiers descend CE_1 + CE_2 (source) + bw * (balance_1 + balance_2) (target),
+    # each classifier run once over both domains' features (one BatchNorm batch, as the reference does).
     torch.manual_seed(5)
     f = g(torch.cat([batch.x_s, batch.x_t]))
-    f_s, f_t = f[:6], f[6:]
-    loss_a = (F.cross_entropy(c1(f_s), batch.y_s) + F.cross_entropy(c2(f_s), batch.y_s)
-              + bw * (class_balance_loss(c1(f_t)) + class_balance_loss(c2(f_t))))
+    y1, y2 = c1(f), c2(f)
+    loss_a = (F.cross_entropy(y1[:6], batch.y_s) + F.cross_entropy(y2[:6], batch.y_s)
+              + bw * (class_balance_loss(y1[6:]) + class_balance_loss(y2[6:])))
     expected = sgd_expected(before, loss_a, ("features", "classifier"))
     torch.manual_seed(5)  # the same dropout masks in the heads
     method.update_source(batch)
@@ -373,9 +374,10 @@ def test_mcd_updates_a_and_b_add_the_weighted_class_balance_of_both_classifiers(
     torch.manual_seed(6)
     with torch.no_grad():
         f = g(torch.cat([batch.x_s, batch.x_t]))
-    discrepancy = classifier_discrepancy(c1(f[6:]), c2(f[6:]))
-    loss_b = (F.cross_entropy(c1(f[:6]), batch.y_s) + F.cross_entropy(c2(f[:6]), batch.y_s)
-              + bw * (class_balance_loss(c1(f[6:])) + class_balance_loss(c2(f[6:]))) - 0.7 * discrepancy)
+    y1, y2 = c1(f), c2(f)
+    discrepancy = classifier_discrepancy(y1[6:], y2[6:])
+    loss_b = (F.cross_entropy(y1[:6], batch.y_s) + F.cross_entropy(y2[:6], batch.y_s)
+              + bw * (class_balance_loss(y1[6:]) + class_balance_loss(y2[6:])) - 0.7 * discrepancy)
     expected = sgd_expected(before, loss_b, ("classifier",))
     torch.manual_seed(6)
     method.update_classifiers(batch, 0.7)
@@ -411,3 +413,23 @@ def test_afn_sums_the_norm_terms_of_each_domain():
     assert torch.allclose(grad_s, -2 * 0.2 / 2 * torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert torch.allclose(grad_t, -2 * 0.2 / 1 * torch.tensor([[0.0, 1.0]]))
     assert logs["feature_norm_s"].item() == pytest.approx(3.0) and logs["feature_norm_t"].item() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["grl=warm_start", "grl.max_iters=0"], "grl.max_iters must be a number > 0, got 0"),
+    (["grl=linear", "grl.ramp_steps=-5"], "grl.ramp_steps must be null or a positive integer, got -5"),
+    (["optim.gamma=-0.1"], "optim.gamma must be a number >= 0, got -0.1"),
+    (["optim.decay=abc"], "optim.decay must be a number >= 0, got 'abc'"),
+    (["optim.lr_mult.backbone=-1"], "optim.lr_mult.backbone must be a number >= 0, got -1"),
+    (["backbone.bottleneck.width=0"], "backbone.bottleneck.width must be null or a positive integer, got 0"),
+    (["backbone.bottleneck.dropout=1.0"], "backbone.bottleneck.dropout must be a number in [0, 1), got 1.0"),
+    (["backbone.domain_head_dropout=-0.5"], "backbone.domain_head_dropout must be a number in [0, 1), got -0.5"),
+    (["method=mcd", "method.feature_momentum=-1"], "method.feature_momentum must be null or a number >= 0, got -1"),
+])
+def test_recipe_keys_are_checked_with_a_message_naming_the_key(overrides, message):
+    from da_runner.config import validate
+    from da_runner.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        validate(make_cfg(*overrides))
+    assert str(error.value) == message

@@ -49,17 +49,18 @@ class MCD(Method):
             "classifiers": build_optimizer(self.param_groups(self.classifier, self.classifier2), cfg.optim),
         }
 
-    def source_loss(self, f_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(f_s), y_s) + F.cross_entropy(self.classifier2(f_s), y_s)
-
-    def balance(self, f_t: torch.Tensor) -> torch.Tensor:
-        """The class-balance terms of both classifiers on target features, weighted (0 when off)."""
-        if self.balance_weight <= 0:
-            return torch.zeros((), device=f_t.device)
-        return self.balance_weight * (class_balance_loss(self.classifier(f_t)) + class_balance_loss(self.classifier2(f_t)))
-
-    def discrepancy(self, f_t: torch.Tensor) -> torch.Tensor:
-        return classifier_discrepancy(self.classifier(f_t), self.classifier2(f_t))
+    def heads(self, batch: Batch, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Both classifiers, each run once over the features f of the source and target batch together
+        (as the reference implementation does, so BatchNorm in the heads normalises one batch of both
+        domains): the source cross-entropy of both, their weighted class-balance terms on target
+        (0 when off) and their discrepancy on target."""
+        n_s = len(batch.x_s)
+        logits_1, logits_2 = self.classifier(f), self.classifier2(f)
+        source = F.cross_entropy(logits_1[:n_s], batch.y_s) + F.cross_entropy(logits_2[:n_s], batch.y_s)
+        balance = torch.zeros((), device=f.device)
+        if self.balance_weight > 0:
+            balance = self.balance_weight * (class_balance_loss(logits_1[n_s:]) + class_balance_loss(logits_2[n_s:]))
+        return source, balance, classifier_discrepancy(logits_1[n_s:], logits_2[n_s:])
 
     def _update(self, loss: torch.Tensor, *names: str) -> None:
         """Backpropagate `loss` and step only the optimizers `names`; the others' gradients are dropped."""
@@ -69,29 +70,26 @@ class MCD(Method):
         for name in names:
             self.optimizers[name].step()
 
+    def both(self, batch: Batch) -> torch.Tensor:
+        return torch.cat([batch.x_s, batch.x_t])
+
     def update_source(self, batch: Batch) -> torch.Tensor:
         """A: features and both classifiers learn the source labels (and keep target predictions balanced)."""
-        if self.balance_weight > 0:
-            f = self.features(torch.cat([batch.x_s, batch.x_t]))
-            f_s, f_t = f[: len(batch.x_s)], f[len(batch.x_s):]
-        else:
-            f_s, f_t = self.features(batch.x_s), None
-        loss = self.source_loss(f_s, batch.y_s)
-        self._update(loss if f_t is None else loss + self.balance(f_t), "features", "classifiers")
-        return loss.detach()
+        source, balance, _ = self.heads(batch, self.features(self.both(batch)))
+        self._update(source + balance, "features", "classifiers")
+        return source.detach()
 
     def update_classifiers(self, batch: Batch, weight: float) -> torch.Tensor:
         """B: the classifiers maximise their discrepancy on target, keeping the source loss low."""
         with torch.no_grad():  # the features are fixed in this update
-            f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        n_s = len(batch.x_s)
-        discrepancy = self.discrepancy(f[n_s:])
-        self._update(self.source_loss(f[:n_s], batch.y_s) + self.balance(f[n_s:]) - weight * discrepancy, "classifiers")
+            f = self.features(self.both(batch))
+        source, balance, discrepancy = self.heads(batch, f)
+        self._update(source + balance - weight * discrepancy, "classifiers")
         return discrepancy.detach()
 
     def update_features(self, batch: Batch, weight: float) -> torch.Tensor:
         """C: the features minimise the classifiers' discrepancy on target (the classifiers fixed)."""
-        discrepancy = self.discrepancy(self.features(batch.x_t))
+        _, _, discrepancy = self.heads(batch, self.features(self.both(batch)))
         self._update(weight * discrepancy, "features")
         return discrepancy.detach()
 
