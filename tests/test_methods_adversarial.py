@@ -61,12 +61,13 @@ def test_bsp_penalty_equals_svdvals(k):
 
 def test_cdan_chooses_the_randomized_map_by_size():
     # randomized=null: the paper's rule, the full map up to max_multilinear_dim (4096) inputs.
-    small = build_method(make_cfg("method=cdan", "method.randomized=null", *TINY_TOY), (2,), 2)  # 64 * 2 <= 4096
-    assert small.random_map is None and small.discriminator[0].in_features == 128
-    big = build_method(make_cfg("method=cdan", "method.randomized=null", *TINY_DIGITS), (3, 28, 28), 10)  # 768 * 10 > 4096
+    small = build_method(make_cfg("method=cdan", "method.randomized=null", *TINY_TOY), (2,), 2)  # 256 * 2 <= 4096
+    assert small.random_map is None and small.discriminator[0].in_features == 256 * 2
+    big = build_method(make_cfg("method=cdan", "method.randomized=null", "backbone.bottleneck.width=null", *TINY_DIGITS),
+                       (3, 28, 28), 10)  # 768 * 10 > 4096
     assert big.random_map is not None and big.discriminator[0].in_features == 1024
     lower = build_method(make_cfg("method=cdan", "method.randomized=null", "method.max_multilinear_dim=100",
-                                  "method.randomized_dim=16", *TINY_TOY), (2,), 2)  # 128 > 100
+                                  "method.randomized_dim=16", *TINY_TOY), (2,), 2)  # 512 > 100
     assert lower.random_map is not None and lower.discriminator[0].in_features == 16
     forced = build_method(make_cfg("method=cdan", "method.randomized=true", "method.randomized_dim=32", *TINY_TOY), (2,), 2)
     assert forced.discriminator[0].in_features == 32
@@ -76,10 +77,11 @@ def test_cdan_uses_the_full_map_by_default_whatever_its_size():
     # The reference recipes' default (randomized: false): d * C inputs even past the paper's 4096.
     cfg = make_cfg("method=cdan", *TINY_DIGITS)
     assert cfg.method.randomized is False
-    big = build_method(cfg, (3, 28, 28), 10)
+    assert build_method(cfg, (3, 28, 28), 10).discriminator[0].in_features == 256 * 10  # the bottleneck's map
+    big = build_method(make_cfg("method=cdan", "backbone.bottleneck.width=null", *TINY_DIGITS), (3, 28, 28), 10)
     assert big.random_map is None and big.discriminator[0].in_features == 768 * 10
     small = build_method(make_cfg("method=cdan", *TINY_TOY), (2,), 2)
-    assert small.random_map is None and small.discriminator[0].in_features == 64 * 2
+    assert small.random_map is None and small.discriminator[0].in_features == 256 * 2
 
 
 def test_cdan_discriminator_sees_the_map_of_features_and_detached_predictions(monkeypatch):

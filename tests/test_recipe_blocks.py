@@ -276,7 +276,9 @@ def test_cdan_config_sets_a_wide_batch_norm_discriminator_on_the_full_map():
     assert method.random_map is None
     assert layer_types(method.discriminator) == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d,
                                                  nn.ReLU, nn.Linear]
-    assert method.discriminator[0].in_features == 768 * 10 and method.discriminator[0].out_features == 1024
+    # the full map of the 256-d BatchNorm bottleneck the method file adds to the 768-d network
+    assert method.features.out_features == 256 and method.features.backbone.out_features == 768
+    assert method.discriminator[0].in_features == 256 * 10 and method.discriminator[0].out_features == 1024
     # DANN on the same backbone keeps the paper's 100-1 head
     dann = build_method(make_cfg("method=dann", *TINY_DIGITS), (3, 28, 28), 10)
     assert layer_types(dann.discriminator) == [nn.Linear, nn.ReLU, nn.Linear] and dann.discriminator[0].out_features == 100
@@ -289,7 +291,8 @@ def test_method_architecture_wins_over_the_backbone_file_and_the_command_line_ov
     assert list(cfg.backbone.domain_head) == [64]
     method = build_method(cfg, (2,), 2)
     linears = [m for m in method.discriminator if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(64 * 2, 64), (64, 1)]
+    # the full map of the method file's 256-d bottleneck and 2 classes, into the command line's [64]
+    assert [(l.in_features, l.out_features) for l in linears] == [(256 * 2, 64), (64, 1)]
 
 
 def test_mdd_config_builds_a_1024_bottleneck_and_heads_on_it():

@@ -44,9 +44,9 @@ class DannMnist(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], cfg=None):
         super().__init__()
         _require_image("dann_mnist", input_shape, 12)
-        get = (lambda key, default: cfg.get(key, default)) if cfg is not None else (lambda key, default: default)
-        c1, c2 = (int(c) for c in get("channels", [32, 48]))
-        batch_norm, dropout = bool(get("batch_norm", False)), float(get("dropout", 0.0))
+        options = cfg if cfg is not None else {}
+        c1, c2 = (int(c) for c in options.get("channels", [32, 48]))
+        batch_norm, dropout = bool(options.get("batch_norm", False)), float(options.get("dropout", 0.0))
         layers: list[nn.Module] = []
         width = input_shape[0]
         for i, channels in enumerate((c1, c2)):
