@@ -29,6 +29,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--plot", type=Path, help="write a PNG of the curves here")
+    parser.add_argument("--reference", type=float, action="append", default=[],
+                        help="draw a horizontal line at this accuracy (a published number); repeatable")
+    parser.add_argument("--reference-label", action="append", default=[], help="the legend entry of each --reference")
     args = parser.parse_args()
     curves = load_curves(args.folder)
     keys = sorted(curves)
@@ -47,14 +50,22 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for key in keys:
             xs = sorted(curves[key])
-            ax.plot(xs, [statistics.mean(curves[key][x]) for x in xs], marker="o", markersize=3, label=key)
+            line, = ax.plot(xs, [statistics.mean(curves[key][x]) for x in xs], marker="o", markersize=3,
+                            label=f"{key} (mean of {max(len(v) for v in curves[key].values())})")
+            runs = max(len(v) for v in curves[key].values())
+            for i in range(runs if runs > 1 else 0):  # each run, thin, in the mean's colour
+                ax.plot([x for x in xs if len(curves[key][x]) > i], [curves[key][x][i] for x in xs if len(curves[key][x]) > i],
+                        color=line.get_color(), alpha=0.3, linewidth=0.8)
+        for i, value in enumerate(args.reference):
+            label = args.reference_label[i] if i < len(args.reference_label) else f"reference {value}"
+            ax.axhline(value, color="black", linestyle="--", linewidth=1, label=label)
         ax.set_xlabel("training step")
-        ax.set_ylabel("target test accuracy (mean over seeds)")
+        ax.set_ylabel("target test accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from da_runner.config import validate
 from da_runner.errors import UserError
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.methods.base import build_optimizer
@@ -19,6 +20,7 @@ from da_runner.nn.heads import domain_head, label_head
 from da_runner.nn.losses import afn_loss, class_balance_loss, classifier_discrepancy
 from da_runner.schedules import grl_lambda, lr_factor
 from da_runner.trainer import train
+from test_methods_zoo import toy_batch, toy_method
 from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg
 from test_trainer import scalar_tags
 
@@ -326,18 +328,10 @@ def test_class_balance_loss_matches_a_hand_computation():
 
 
 def mcd_toy(balance):
-    torch.manual_seed(0)
-    cfg = make_cfg("method=mcd", "data=toy2d", "backbone=mlp", "backbone.hidden=[6]", "backbone.label_head=[5]",
-                   "optim.momentum=0.0", f"method.balance_weight={balance}")
-    method = build_method(cfg, (2,), 3)
-    for optimizer in method.optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = 0.05
-    return method
+    return toy_method("mcd", f"method.balance_weight={balance}")
 
 
-def mcd_batch():
-    return Batch(x_s=fixed(6, 2, seed=20), y_s=torch.tensor([0, 1, 2, 0, 1, 2]), x_t=fixed(5, 2, seed=21) + 1.0)
+mcd_batch = toy_batch
 
 
 def sgd_expected(module, loss, prefixes, lr=0.05):
@@ -430,9 +424,6 @@ def test_afn_sums_the_norm_terms_of_each_domain():
     (["method=mcd", "method.feature_momentum=-1"], "method.feature_momentum must be null or a number >= 0, got -1"),
 ])
 def test_recipe_keys_are_checked_with_a_message_naming_the_key(overrides, message):
-    from da_runner.config import validate
-    from da_runner.errors import UserError
-
     with pytest.raises(UserError) as error:
         validate(make_cfg(*overrides))
     assert str(error.value) == message
