@@ -125,7 +125,7 @@ def method_by_pair(groups: list[Group]) -> str:
     cells: dict[tuple[str, str], list[dict]] = {}
     for g in groups:
         for m in g.metrics:
-            cells.setdefault((m["method"], m["data"]), []).append(m)
+            cells.setdefault((m.get("method", "?"), m.get("data", "?")), []).append(m)
     methods = list(dict.fromkeys(method for method, _ in cells))
     pairs = sorted({pair for _, pair in cells})
     header = "| method | " + " | ".join(f"{p}: final | {p}: selected" for p in pairs) + " |"
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         return 1
     table = rows(groups)
     text = markdown(table)
-    if len({m["method"] for g in groups for m in g.metrics}) > 1:
+    if len({m.get("method") for g in groups for m in g.metrics}) > 1:
         text += "\nBy method and pair (mean ± std (seeds); selected: without target labels):\n\n" + method_by_pair(groups)
     print(text, end="")
     for g in groups:

@@ -145,8 +145,6 @@ def test_ready_made_sweeps_cover_every_method():
     assert swept_values(methods, "method") == set(METHODS)
 
 
-@pytest.mark.xfail(strict=True, reason="configs/sweep/grl_schedules.yaml does not list the new warm_start schedule "
-                                       "(reported as a library bug); remove this marker once it does")
 def test_ready_made_grl_sweep_covers_every_schedule():
     assert swept_values(hydra_compose("sweep=grl_schedules"), "grl") == set(GRL_SCHEDULES)
 
@@ -208,7 +206,7 @@ def summarize_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "da_runner.summarize"]
 
 
-def fake_run(root: Path, name: str, overrides: list[str], seed: int, state: str, target=None, selected=None):
+def fake_run(root: Path, name: str, overrides: list[str], seed: int, state: str, target=None, selected=None, **extra):
     run_dir = root / name
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -218,7 +216,7 @@ def fake_run(root: Path, name: str, overrides: list[str], seed: int, state: str,
     if state == "completed":
         (run_dir / "metrics.json").write_text(json.dumps({
             "target_acc": target, "selected_target_acc": selected, "step": 100, "wall_time_s": 120.0,
-            "selected_by": "source_acc", "uses_target_labels": False}))
+            "selected_by": "source_acc", "uses_target_labels": False, **extra}))
 
 
 def test_summarize_groups_seeds_and_counts_failures(tmp_path, capsys):
@@ -241,6 +239,24 @@ def test_summarize_groups_seeds_and_counts_failures(tmp_path, capsys):
     csv_text = (tmp_path / "summary.csv").read_text().splitlines()
     assert csv_text[0].startswith("configuration,n,failed,incomplete") and len(csv_text) == 3
     assert (tmp_path / "summary.md").read_text() in printed
+
+
+def test_summarize_prints_the_method_by_pair_table_of_the_benchmarks(tmp_path, capsys):
+    for seed, (t, sel) in enumerate([(0.70, 0.60), (0.80, 0.64)]):
+        fake_run(tmp_path, f"d{seed}", ["experiment=digits_embedded", "method=dann", f"seed={seed}"], seed, "completed",
+                 t, sel, method="dann", data="embedded_digits")
+    fake_run(tmp_path, "m0", ["experiment=digits_mnistm", "method=dann", "seed=0"], 0, "completed", 0.71, 0.72,
+             method="dann", data="mnist_mnistm")
+    fake_run(tmp_path, "s0", ["experiment=digits_embedded", "method=source_only", "seed=0"], 0, "completed", 0.5, 0.5,
+             method="source_only", data="embedded_digits")
+    assert summarize_main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    assert header == ("| method | embedded_digits: final | embedded_digits: selected | mnist_mnistm: final "
+                      "| mnist_mnistm: selected |")
+    dann = next(line for line in lines if line.startswith("| dann |"))
+    assert dann == "| dann | 0.7500 ± 0.0707 (2) | 0.6200 ± 0.0283 (2) | 0.7100 ± 0.0000 (1) | 0.7200 ± 0.0000 (1) |"
+    assert next(line for line in lines if line.startswith("| source_only |")).endswith("| - | - |")
 
 
 def test_summarize_refuses_a_folder_without_runs(tmp_path, capsys):
