@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from da_runner.errors import UserError
 from da_runner.methods import METHODS, Batch, StepContext, build_method
 from da_runner.methods.dann import DANN
-from da_runner.nn.losses import (afn_loss, bnm_loss, classifier_discrepancy, coral_loss, entropy_loss, joint_mmd,
-                                 mcc_loss, mdd_adversary_loss, mk_mmd)
+from da_runner.nn.losses import (afn_loss, bnm_loss, class_balance_loss, classifier_discrepancy, coral_loss,
+                                 entropy_loss, joint_mmd, mcc_loss, mdd_adversary_loss, mk_mmd)
 from da_runner.trainer import train
 from conftest import TINY_TOY, make_cfg, read_metrics
 from test_trainer import scalar_tags
@@ -218,9 +218,11 @@ def test_loss_term_methods_descend_cross_entropy_plus_their_weighted_term(name, 
     weight_key = {"minent": "entropy_weight", "bnm": "bnm_weight"}.get(name, "trade_off")
     ramp = lam if options.ramp_trade_off else 1.0
     weight = float(options[weight_key]) * ramp
-    # Target-prediction add-ons the method's config turns on besides its own term (AFN: entropy 0.03).
+    # Target-prediction add-ons the method's config turns on besides its own term (AFN: entropy 0.03;
+    # MinEnt: the class balance at the entropy's weight).
     add_ons = [(float(options.get(key, 0.0)) * ramp, fn) for key, fn in
-               (("entropy_weight", entropy_loss), ("bnm_weight", bnm_loss)) if key != weight_key]
+               (("entropy_weight", entropy_loss), ("bnm_weight", bnm_loss), ("balance_weight", class_balance_loss))
+               if key != weight_key]
 
     @seeded
     def loss_fn(m):
