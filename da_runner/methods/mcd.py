@@ -22,7 +22,6 @@ balance_weight, feature_momentum.
 
 import torch
 import torch.nn.functional as F
-
 from omegaconf import OmegaConf
 
 from da_runner.errors import UserError
