@@ -249,11 +249,11 @@ def test_ramp_trade_off_multiplies_the_weight_by_the_grl_value():
 def test_ramp_trade_off_also_warms_up_the_target_prediction_weights():
     for ramp, lam in itertools.product([False, True], [0.0, 0.4]):
         method = toy_method("minent", "method.entropy_weight=0.5", "method.bnm_weight=0.2",
-                            f"method.ramp_trade_off={ramp}")
+                            "method.balance_weight=0.3", f"method.ramp_trade_off={ramp}")
         out = method.step(toy_batch(), ctx(lam=lam))
-        assert {"loss_entropy", "loss_bnm"} <= set(out)  # logged even while the ramp is at 0
+        assert {"loss_entropy", "loss_bnm", "loss_balance"} <= set(out)  # logged even while the ramp is at 0
         scale = lam if ramp else 1.0
-        added = scale * (0.5 * out["loss_entropy"] + 0.2 * out["loss_bnm"])
+        added = scale * (0.5 * out["loss_entropy"] + 0.2 * out["loss_bnm"] + 0.3 * out["loss_balance"])
         assert out["loss"].item() == pytest.approx((out["loss_cls"] + added).item(), rel=1e-6)
 
 
