@@ -15,6 +15,11 @@ GRL_SCHEDULES = ("constant", "ganin", "linear", "step", "warm_start")
 LR_SCHEDULES = ("constant", "ganin", "inv")
 
 
+def _sigmoid_ramp(x: float) -> float:
+    """2 / (1 + exp(-x)) - 1: 0 at x = 0, rising to 1; Ganin's and the warm start's shared shape."""
+    return 2.0 / (1.0 + math.exp(-x)) - 1.0
+
+
 def grl_lambda(step: int, max_steps: int, cfg) -> float:
     """Gradient-reversal coefficient lambda at `step` of `max_steps` for the `grl` config node."""
     name, hi, p = cfg.name, float(cfg.hi), step / max_steps
@@ -23,19 +28,20 @@ def grl_lambda(step: int, max_steps: int, cfg) -> float:
     if name == "ganin":
         # Ganin & Lempitsky (2015): lambda_p = hi * (2 / (1 + exp(-gamma * p)) - 1): starts at 0 so
         # the discriminator's early noisy gradients do not disturb the features.
-        return hi * (2.0 / (1.0 + math.exp(-float(cfg.gamma) * p)) - 1.0)
+        return hi * _sigmoid_ramp(float(cfg.gamma) * p)
     if name == "linear":
         # A ramp from 0 that reaches hi at step `ramp_steps` (when set) or at p = ramp_fraction.
-        ramp_steps = cfg.get("ramp_steps")
-        ramp = step / int(ramp_steps) if ramp_steps else (p / float(cfg.ramp_fraction) if cfg.ramp_fraction > 0 else 1.0)
-        return hi * min(1.0, ramp)
+        ramp_steps, fraction = cfg.get("ramp_steps"), float(cfg.ramp_fraction)
+        if ramp_steps:
+            return hi * min(1.0, step / int(ramp_steps))
+        return hi * min(1.0, p / fraction) if fraction > 0 else hi
     if name == "step":
         return hi if p >= float(cfg.start) else 0.0
     if name == "warm_start":
         # Transfer-Learning-Library's WarmStartGradientReverseLayer, counted in steps:
         # lambda_i = hi * (2 / (1 + exp(-alpha * i / max_iters)) - 1); with alpha 1 and max_iters
         # 1000 it is 0.46 hi at step 1,000, 0.91 hi at 3,000 and 0.99 hi at 5,000, whatever the run length.
-        return hi * (2.0 / (1.0 + math.exp(-float(cfg.alpha) * step / float(cfg.max_iters))) - 1.0)
+        return hi * _sigmoid_ramp(float(cfg.alpha) * step / float(cfg.max_iters))
     raise ValueError(f"unknown grl schedule {name!r}; choose one of {GRL_SCHEDULES}")
 
 
