@@ -11,6 +11,7 @@ from da_runner.validators import VALIDATORS
 
 # Keys a resumed run takes from the new command line instead of the checkpoint: they change where
 # and how the run is shown, never what it computes.
+PRECISIONS = ("fp32", "bf16")
 RUNTIME_KEYS = ("resume", "device", "trainer.progress")
 
 
@@ -50,6 +51,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.trainer.select not in names:
         raise UserError(f"trainer.select must be one of trainer.validators ({', '.join(names)}), "
                         f"got {cfg.trainer.select!r}")
+    if cfg.trainer.get("precision", "fp32") not in PRECISIONS:
+        raise UserError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {cfg.trainer.precision!r}")
+    if not isinstance(cfg.trainer.get("channels_last", False), bool):
+        raise UserError(f"trainer.channels_last must be true or false, got {cfg.trainer.channels_last!r}")
     if not _is_int(cfg.trainer.validation_samples) or cfg.trainer.validation_samples < 2:
         raise UserError(f"trainer.validation_samples must be an integer >= 2, got {cfg.trainer.validation_samples!r}")
     for key, value in cfg.method.items():  # the loss weights and gradient scales of every method

@@ -85,6 +85,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     device = resolve_device(cfg.device)
     tcfg = cfg.trainer
     max_steps = int(tcfg.max_steps)
+    bf16 = tcfg.get("precision", "fp32") == "bf16"  # .get: runs saved before the key existed resume in fp32
 
     seed_everything(int(cfg.seed))
     pair = build_pair(cfg.data).to(device)
@@ -93,6 +94,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             raise UserError(f"trainer.batch_size={tcfg.batch_size} is larger than the {len(getattr(pair, split))} "
                             f"samples of {split} in data={pair.name}")
     method = build_method(cfg, pair.input_shape, pair.num_classes).to(device)
+    channels_last = bool(tcfg.get("channels_last", False)) and pair.is_image
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
     method.train()
     if method.uses_target_labels:
         log.warning("method=%s trains on TARGET LABELS: an upper bound for comparison, not domain adaptation",
@@ -155,9 +159,13 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
 
         x_s, y_s = next(source)
         x_t, y_t = next(target)
+        if channels_last:
+            x_s, x_t = x_s.contiguous(memory_format=torch.channels_last), x_t.contiguous(memory_format=torch.channels_last)
         # Target labels are dropped here for every UDA method; only an oracle may see them.
         batch = Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if method.uses_target_labels else None)
-        terms = method.step(batch, ctx)
+        # trainer.precision=bf16: the step's forward passes in bfloat16 (Method.backward leaves autocast).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = method.step(batch, ctx)
         done = step + 1
         bar.update(1)
         loss_not_finite |= ~torch.isfinite(torch.as_tensor(terms["loss"]))

@@ -124,6 +124,8 @@ def test_resume_keeps_the_saved_config(tmp_path):
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
     ("device=tpu", "device must be auto, cpu or cuda"),
     ("trainer.batch_size=100000", "trainer.batch_size=100000 is larger than"),
+    ("trainer.precision=fp16", "trainer.precision must be one of fp32, bf16, got 'fp16'"),
+    ("trainer.channels_last=yes", "trainer.channels_last must be true or false, got 'yes'"),
 ])
 def test_invalid_config_names_key_and_rule(tmp_path, override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -149,3 +151,64 @@ def test_checkpoint_of_another_format_version_is_named_as_such(tmp_path):
     torch.save({"format_version": checkpoint.FORMAT_VERSION - 1, "step": 3}, path)
     with pytest.raises(UserError, match=r"another version of da_runner \(checkpoint format 1; this version reads format 2\)"):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize("method", ["dann", "mcd", "adda"])
+def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, monkeypatch, method):
+    """trainer.precision=bf16: the step's convolutions run in bfloat16 under autocast, the backward and
+    the optimizer leave the weights in float32, and evaluation runs in float32."""
+    import da_runner.trainer as trainer_module
+    seen, phase = [], ["setup"]
+    conv_forward, evaluate, step = torch.nn.Conv2d.forward, trainer_module.evaluate, METHODS[method].step
+
+    def recording_forward(self, x):
+        out = conv_forward(self, x)
+        seen.append((phase[0], out.dtype))
+        return out
+
+    def in_phase(name, fn):
+        def wrapped(*args, **kwargs):
+            phase[0] = name
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phase[0] = "other"
+        return wrapped
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    monkeypatch.setattr(trainer_module, "evaluate", in_phase("evaluate", evaluate))
+    monkeypatch.setattr(METHODS[method], "step", in_phase("step", step))
+    run = tmp_path / method
+    extra = ["method.pretrain_steps=2"] if method == "adda" else []
+    train(make_cfg(*TINY_DIGITS, f"method={method}", "trainer.max_steps=4", "trainer.precision=bf16", *extra), run)
+    assert {dtype for name, dtype in seen if name == "step"} == {torch.bfloat16}
+    assert {dtype for name, dtype in seen if name == "evaluate"} == {torch.float32}
+    state = load_ckpt(run / "checkpoints" / "last.pt")["method"]["modules"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    assert read_metrics(run)["target_acc"] >= 0
+
+
+def test_fp32_is_the_default_precision(tmp_path, monkeypatch):
+    seen = []
+    conv_forward = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: seen.append(conv_forward(self, x).dtype) or
+                        conv_forward(self, x))
+    train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2"), tmp_path)
+    assert set(seen) == {torch.float32}
+
+
+def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path, monkeypatch):
+    layouts = []
+    conv_forward = torch.nn.Conv2d.forward
+
+    def recording_forward(self, x):
+        if self.training:
+            layouts.append((self.weight.is_contiguous(memory_format=torch.channels_last),
+                            x.is_contiguous(memory_format=torch.channels_last)))
+        return conv_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
+    train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2", "trainer.channels_last=true"), tmp_path)
+    first_conv = layouts[0]
+    assert first_conv == (True, True)
+    assert all(weight_nhwc for weight_nhwc, _ in layouts)

@@ -189,9 +189,17 @@ class Method(nn.Module):
             optimizer.load_state_dict(state["optimizers"][name])
 
     @staticmethod
-    def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def backward(loss: torch.Tensor) -> None:
+        """`loss.backward()` outside autocast. With `trainer.precision=bf16` the trainer runs `step`
+        under bfloat16 autocast; the backward pass must not: each op's gradient is computed in the
+        dtype its forward op used, as torch's autocast documentation prescribes."""
+        with torch.autocast(loss.device.type, enabled=False):
+            loss.backward()
+
+    @classmethod
+    def optimizer_step(cls, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        cls.backward(loss)
         optimizer.step()
 
 

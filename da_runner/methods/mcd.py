@@ -65,7 +65,7 @@ class MCD(Method):
         """Backpropagate `loss` and step only the optimizers `names`; the others' gradients are dropped."""
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         for name in names:
             self.optimizers[name].step()
 
