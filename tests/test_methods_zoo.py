@@ -238,6 +238,22 @@ def test_loss_term_methods_descend_cross_entropy_plus_their_weighted_term(name, 
     assert_parameters(method, expected)
 
 
+@pytest.mark.parametrize("layer", ["logits", "features"])
+def test_deepcoral_aligns_the_layer_it_is_given(layer):
+    method, batch = toy_method("deepcoral", f"method.layer={layer}"), toy_batch()
+    before = copy.deepcopy(method)
+    with torch.no_grad():
+        f = seeded(before.features)(torch.cat([batch.x_s, batch.x_t]))
+        aligned = before.classifier(f) if layer == "logits" else f
+    out = seeded(method.step)(batch, ctx())
+    assert out["loss_coral"].item() == pytest.approx(coral_loss(aligned[:6], aligned[6:]).item(), rel=1e-5)
+
+
+def test_deepcoral_rejects_an_unknown_layer():
+    with pytest.raises(UserError, match="method.layer must be one of logits, features, got 'fc7'"):
+        toy_method("deepcoral", "method.layer=fc7")
+
+
 def test_ramp_trade_off_multiplies_the_weight_by_the_grl_value():
     for ramp, lam in itertools.product([False, True], [0.0, 0.4]):
         method = toy_method("dan", "method.trade_off=2.0", f"method.ramp_trade_off={ramp}")
