@@ -192,7 +192,7 @@ def test_experiments_compose(experiment):
     cfg = make_cfg(f"experiment={experiment}")
     if experiment.startswith("digits_"):  # the digits table's columns: any method, DANN by default
         assert cfg.method.name == "dann" and cfg.optim.schedule == "ganin" and cfg.grl.name == "ganin"
-        assert (cfg.data.name, cfg.trainer.max_steps) == {"digits_embedded": ("embedded_digits", 3000),
+        assert (cfg.data.name, cfg.trainer.max_steps) == {"digits_embedded": ("embedded_digits", 5000),
                                                           "digits_mnistm": ("mnist_mnistm", 10000)}[experiment]
         return
     assert experiment.startswith(cfg.method.name + "_") and cfg.data.name in experiment
