@@ -11,8 +11,8 @@ from da_runner.validators import VALIDATORS
 
 # Keys a resumed run takes from the new command line instead of the checkpoint: they change where
 # and how the run is shown, never what it computes.
-PRECISIONS = ("fp32", "bf16")
 RUNTIME_KEYS = ("resume", "device", "trainer.progress")
+PRECISIONS = ("fp32", "bf16")  # trainer.precision
 
 
 def _get(cfg: DictConfig, key: str):
