@@ -7,6 +7,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from da_runner.errors import UserError
 from da_runner.methods import METHODS
+import da_runner.trainer as trainer_module
 from da_runner.trainer import train
 from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
 
@@ -157,7 +158,6 @@ def test_checkpoint_of_another_format_version_is_named_as_such(tmp_path):
 def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, monkeypatch, method):
     """trainer.precision=bf16: the step's convolutions run in bfloat16 under autocast, the backward and
     the optimizer leave the weights in float32, and evaluation runs in float32."""
-    import da_runner.trainer as trainer_module
     seen, phase = [], ["setup"]
     conv_forward, evaluate, step = torch.nn.Conv2d.forward, trainer_module.evaluate, METHODS[method].step
 
@@ -185,14 +185,19 @@ def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, m
     assert {dtype for name, dtype in seen if name == "evaluate"} == {torch.float32}
     state = load_ckpt(run / "checkpoints" / "last.pt")["method"]["modules"]
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
-    assert read_metrics(run)["target_acc"] >= 0
+    assert read_metrics(run)["step"] == 4  # trained and evaluated to the end
 
 
 def test_fp32_is_the_default_precision(tmp_path, monkeypatch):
     seen = []
     conv_forward = torch.nn.Conv2d.forward
-    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: seen.append(conv_forward(self, x).dtype) or
-                        conv_forward(self, x))
+
+    def recording_forward(self, x):
+        out = conv_forward(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
     train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2"), tmp_path)
     assert set(seen) == {torch.float32}
 
@@ -209,6 +214,5 @@ def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path, monkeypat
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", recording_forward)
     train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2", "trainer.channels_last=true"), tmp_path)
-    first_conv = layouts[0]
-    assert first_conv == (True, True)
+    assert layouts[0] == (True, True)  # the first convolution: NHWC weights and an NHWC batch
     assert all(weight_nhwc for weight_nhwc, _ in layouts)
