@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from da_runner.errors import UserError
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.nn.losses import (RandomizedMultilinearMap, bsp_penalty, domain_loss_and_acc, entropy_weights,
                                  multilinear_map)
@@ -102,6 +103,48 @@ def test_cdan_discriminator_sees_the_map_of_features_and_detached_predictions(mo
     out = method.step(batch, ctx())
     assert torch.allclose(seen["input"], multilinear_map(f, g), atol=1e-6)
     assert {"loss_cls", "loss_domain", "domain_acc"} <= set(out)
+
+
+def cdan_e(*overrides):
+    return build_method(make_cfg("method=cdan_e", *overrides, *TINY_TOY), (2,), 2)
+
+
+def test_cdan_e_weights_normalised_over_the_batch_or_per_domain():
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])  # entropies 0, log 2, log 2, log 2
+    logits = (p + 1e-12).log()
+    confident, unsure = 2.0, 1.5  # 1 + exp(-H)
+    batch = cdan_e().domain_weights(logits, 2, ctx())
+    mean = (confident + 3 * unsure) / 4
+    assert batch.tolist() == pytest.approx([confident / mean, unsure / mean, unsure / mean, unsure / mean], abs=1e-5)
+    # CDAN's own code: each domain's weights have mean 1, so the unsure target rows weigh 1 each.
+    per_domain = cdan_e("method.entropy_normalization=domain").domain_weights(logits, 2, ctx())
+    source_mean = (confident + unsure) / 2
+    assert per_domain.tolist() == pytest.approx([confident / source_mean, unsure / source_mean, 1.0, 1.0], abs=1e-5)
+    assert not batch.requires_grad
+
+
+def test_cdan_e_entropy_gradient_is_reversed_and_scaled_by_lambda():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, requires_grad=True)
+    per_sample = torch.rand(6)  # stands for the discriminator's per-sample losses
+    method = cdan_e("method.entropy_gradient=true", "method.entropy_normalization=domain")
+    (method.domain_weights(logits, 3, ctx(lam=0.3)) * per_sample).sum().backward()
+    reversed_grad = logits.grad.clone()
+
+    # The same weights built by hand, with the normalisers detached and no reversal.
+    logits.grad = None
+    h = -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum(1)
+    w = 1 + torch.exp(-h)
+    w = torch.cat([w[:3] * 3 / w[:3].detach().sum(), w[3:] * 3 / w[3:].detach().sum()])
+    (w * per_sample).sum().backward()
+    assert torch.allclose(reversed_grad, -0.3 * logits.grad, atol=1e-6)
+    assert reversed_grad.abs().sum() > 0
+    assert not cdan_e().domain_weights(logits, 3, ctx()).requires_grad  # the default: no gradient
+
+
+def test_cdan_e_rejects_an_unknown_normalisation():
+    with pytest.raises(UserError, match="method.entropy_normalization"):
+        cdan_e("method.entropy_normalization=classes")
 
 
 def test_bsp_variants_log_and_use_the_penalty():

@@ -9,19 +9,30 @@ BatchNorm; configs/method/cdan.yaml); `randomized: true` uses the randomized map
 (R_f f) ⊙ (R_g g) / sqrt(randomized_dim) instead, and `randomized: null` follows the paper's rule
 (randomized when d * C exceeds `max_multilinear_dim`, 4096).
 
-CDAN+E (`method=cdan_e`) weights each sample's domain loss by 1 + exp(-H(g)), normalised over the
-batch, so that confident (easy-to-transfer) samples count more.
+CDAN+E (`method=cdan_e`) weights each sample's domain loss by w = 1 + exp(-H(g)), so that confident
+(easy-to-transfer) samples count more. Two readings of the normalisation exist:
+`entropy_normalization: batch` (Transfer-Learning-Library: mean 1 over the whole batch, w detached)
+and `domain` (CDAN's own code: each domain's weights sum to the same total, so a confident source
+batch cannot outweigh a less confident target batch). `entropy_gradient: true` also follows CDAN's
+own code: H is not detached and receives the domain loss's gradient reversed and scaled by lambda,
+so the network lowers the entropy of the samples the discriminator still tells apart.
 
 Options (configs/method/cdan.yaml): randomized (null = automatic, true, false), randomized_dim,
-max_multilinear_dim, entropy, domain_outputs, bsp_weight / bsp_k (BSP, as for DANN).
+max_multilinear_dim, entropy, entropy_normalization, entropy_gradient, domain_outputs, bsp_weight /
+bsp_k (BSP, as for DANN).
 """
 
 import torch
 import torch.nn.functional as F
 
+from da_runner.errors import UserError
+from da_runner.methods.base import StepContext
 from da_runner.methods.dann import DANN
 from da_runner.methods.registry import register
-from da_runner.nn.losses import RandomizedMultilinearMap, entropy_weights, multilinear_map
+from da_runner.nn.grl import grad_reverse
+from da_runner.nn.losses import RandomizedMultilinearMap, entropy, multilinear_map
+
+ENTROPY_NORMALIZATIONS = ("batch", "domain")
 
 
 @register("cdan", "cdan_e", "cdan_bsp")
@@ -29,6 +40,10 @@ class CDAN(DANN):
     def adversary_input_dim(self) -> int:
         """Called by DANN.__init__ before it builds the discriminator: chooses the map."""
         options, d, c = self.cfg.method, self.features.out_features, self.num_classes
+        normalization = options.get("entropy_normalization", "batch")
+        if normalization not in ENTROPY_NORMALIZATIONS:
+            raise UserError(f"method.entropy_normalization must be one of {', '.join(ENTROPY_NORMALIZATIONS)}, "
+                            f"got {normalization!r}")
         randomized = options.get("randomized")
         if randomized is None:  # the paper's rule
             randomized = d * c > int(options.get("max_multilinear_dim", 4096))
@@ -39,7 +54,15 @@ class CDAN(DANN):
         g = F.softmax(logits, dim=1).detach()
         return self.random_map(f, g) if self.random_map is not None else multilinear_map(f, g)
 
-    def domain_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
-        if not self.cfg.method.get("entropy", False):
+    def domain_weights(self, logits: torch.Tensor, n_s: int, ctx: StepContext) -> torch.Tensor | None:
+        options = self.cfg.method
+        if not options.get("entropy", False):
             return None
-        return entropy_weights(F.softmax(logits, dim=1))
+        h = entropy(F.softmax(logits, dim=1))
+        h = grad_reverse(h, ctx.grl_lambda) if options.get("entropy_gradient", False) else h.detach()
+        w = 1.0 + torch.exp(-h)
+        if options.get("entropy_normalization", "batch") == "batch":
+            return w * (len(w) / w.detach().sum())
+        # Each domain's weights sum to its number of rows: mean 1 per domain (the normalisers detached).
+        w_s, w_t = w[:n_s], w[n_s:]
+        return torch.cat([w_s * (len(w_s) / w_s.detach().sum()), w_t * (len(w_t) / w_t.detach().sum())])

@@ -50,8 +50,8 @@ class DANN(Method):
         """What the discriminator sees (through the gradient reversal layer): the features."""
         return f
 
-    def domain_weights(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample weights of the domain loss (None: all equal)."""
+    def domain_weights(self, logits: torch.Tensor, n_s: int, ctx: StepContext) -> torch.Tensor | None:
+        """Per-sample weights of the domain loss (None: all equal); the first n_s rows are source."""
         return None
 
     def step(self, batch: Batch, ctx: StepContext):
@@ -60,7 +60,7 @@ class DANN(Method):
         is_source = torch.zeros(len(f), device=f.device)
         is_source[:n_s] = 1.0
         domain_logits = self.discriminator(grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda))
-        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, self.domain_weights(logits))
+        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, self.domain_weights(logits, n_s, ctx))
 
         # lambda lives in the GRL: D minimises loss_domain, G receives -lambda times its gradient.
         loss = loss_cls + loss_domain

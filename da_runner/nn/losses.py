@@ -23,7 +23,9 @@ def domain_loss_and_acc(logits: torch.Tensor, is_source: torch.Tensor,
         target = is_source.long()
         per_sample = F.cross_entropy(logits, target, reduction="none")
         correct = logits.argmax(1) == target
-    loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.sum()
+    # The normaliser is detached: where the weights carry a gradient (CDAN+E's official variant), it
+    # reaches them only through the weighted sum.
+    loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.detach().sum()
     return loss, correct.float().mean()
 
 
