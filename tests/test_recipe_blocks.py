@@ -25,6 +25,10 @@ from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg
 from test_trainer import scalar_tags
 
 
+def ctx(lam=1.0):
+    return StepContext(step=0, max_steps=10, progress=0.0, grl_lambda=lam, lr=0.05)
+
+
 def fixed(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -410,6 +414,41 @@ def test_afn_sums_the_norm_terms_of_each_domain():
     assert torch.allclose(grad_s, -2 * 0.2 / 2 * torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert torch.allclose(grad_t, -2 * 0.2 / 1 * torch.tensor([[0.0, 1.0]]))
     assert logs["feature_norm_s"].item() == pytest.approx(3.0) and logs["feature_norm_t"].item() == pytest.approx(3.0)
+
+
+BATCH_NORM_EVERYWHERE = ("backbone.bottleneck.width=4", "backbone.bottleneck.batch_norm=true",
+                         "backbone.label_head_batch_norm=true", "backbone.domain_head_batch_norm=true")
+
+
+@pytest.mark.parametrize("name, heads", [("dann", ["discriminator"]), ("cdan", ["discriminator"]), ("mdd", ["adversary"]),
+                                         ("afn", [])])
+def test_separate_forward_runs_every_network_once_per_domain(name, heads):
+    method = toy_method(name, "method.separate_forward=true", *BATCH_NORM_EVERYWHERE)
+    calls = []
+    for tag in ["features", "classifier", *heads]:
+        getattr(method, tag).register_forward_hook(lambda module, inputs, output, tag=tag: calls.append((tag, len(inputs[0]))))
+    method.step(toy_batch(), ctx())
+    n_s, n_t = len(toy_batch().x_s), len(toy_batch().x_t)
+    assert sorted(calls) == sorted((tag, n) for tag in ["features", "classifier", *heads] for n in (n_s, n_t))
+
+
+def test_separate_forward_normalises_each_domain_with_its_own_batch_statistics():
+    batch = toy_batch()
+    joint = toy_method("dann", *BATCH_NORM_EVERYWHERE)
+    separate = toy_method("dann", "method.separate_forward=true", *BATCH_NORM_EVERYWHERE)
+    separate.load_state_dict(joint.state_dict())
+    _, _, logits, _ = separate.forward_both(batch)
+    alone = [separate.classifier(separate.features(x)) for x in (batch.x_s, batch.x_t)]
+    assert torch.allclose(logits, torch.cat(alone), atol=1e-6)
+    _, _, joint_logits, _ = joint.forward_both(batch)
+    assert not torch.allclose(joint_logits, logits, atol=1e-3)  # the shared batch mixes the domains' statistics
+
+
+def test_domain_weight_scales_the_domain_loss():
+    out = toy_method("dann", "method.domain_weight=2").step(toy_batch(), ctx())
+    assert out["loss"].item() == pytest.approx((out["loss_cls"] + 2 * out["loss_domain"]).item(), rel=1e-6)
+    with pytest.raises(UserError, match="method.domain_weight must be >= 0"):
+        toy_method("dann", "method.domain_weight=-1")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -136,20 +136,30 @@ class Method(nn.Module):
     def forward_both(self, batch: Batch) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The features and logits of source and target, in one forward pass over both (half the
         kernel launches of two passes), or, with `method.separate_forward: true`, in one pass per
-        domain, so that BatchNorm layers normalise each domain with its own batch statistics (the
-        public DANN reimplementations with BatchNorm networks do this; without BatchNorm the two are
-        the same function).
+        domain through the whole classifier (backbone, bottleneck and label head), so that every
+        BatchNorm layer normalises each domain with its own batch statistics, as the public DANN
+        reimplementations with BatchNorm networks and Transfer-Learning-Library's DAN and AFN do.
+        Without BatchNorm the two are the same function.
 
         Returns n_s (the number of source rows), the features f (N_s + N_t, d), the logits
         (N_s + N_t, C) and the source cross-entropy.
         """
         n_s = len(batch.x_s)
-        if self.cfg.method.get("separate_forward", False):
-            f = torch.cat([self.features(batch.x_s), self.features(batch.x_t)])
-        else:
-            f = self.features(torch.cat([batch.x_s, batch.x_t]))
-        logits = self.classifier(f)
+        f = self.apply_per_domain(self.features, torch.cat([batch.x_s, batch.x_t]), n_s)
+        logits = self.apply_per_domain(self.classifier, f, n_s)
         return n_s, f, logits, F.cross_entropy(logits[:n_s], batch.y_s)
+
+    @property
+    def separate_forward(self) -> bool:
+        return bool(self.cfg.method.get("separate_forward", False))
+
+    def apply_per_domain(self, module: nn.Module, x: torch.Tensor, n_s: int) -> torch.Tensor:
+        """module(x) for a batch whose first n_s rows are source: one call, or with
+        `method.separate_forward` one call per domain (a method's own heads use it too, so that every
+        BatchNorm layer sees one domain at a time)."""
+        if self.separate_forward:
+            return torch.cat([module(x[:n_s]), module(x[n_s:])])
+        return module(x)
 
     def ramp(self, ctx: StepContext) -> float:
         """The `grl` schedule's current value when `method.ramp_trade_off` is true, else 1: the

@@ -11,6 +11,10 @@ where d = 1 for source and 0 for target, and lambda comes from the `grl` schedul
 Options (configs/method/dann.yaml):
     domain_outputs: 1 -> D ends in one logit with binary cross-entropy (the paper's 100-1 head);
                     2 -> two logits with softmax cross-entropy (a 100-2 head).
+    domain_weight:  weight of the domain loss, the mean over both domains' rows (1: the paper's; 2 sums
+                    the two domains' mean losses, as the public BatchNorm reimplementations do).
+    separate_forward: one pass per domain through the classifier and the discriminator, so that their
+                    BatchNorm layers see one domain at a time (Method.forward_both).
     bsp_weight, bsp_k: batch spectral penalization (Chen et al., ICML 2019), 0 = off.
     entropy_weight, bnm_weight: entropy minimisation / batch nuclear-norm maximisation on the target
                     predictions as add-ons (0 = off).
@@ -36,6 +40,9 @@ class DANN(Method):
         outputs = int(cfg.method.get("domain_outputs", 1))
         if outputs not in (1, 2):
             raise UserError(f"method.domain_outputs must be 1 or 2, got {outputs}")
+        self.domain_weight = float(cfg.method.get("domain_weight", 1.0))
+        if self.domain_weight < 0:
+            raise UserError(f"method.domain_weight must be >= 0, got {self.domain_weight}")
         self.bsp_weight = float(cfg.method.get("bsp_weight", 0.0))
         self.bsp_k = int(cfg.method.get("bsp_k", 1))
         if self.bsp_k < 1:
@@ -59,11 +66,12 @@ class DANN(Method):
 
         is_source = torch.zeros(len(f), device=f.device)
         is_source[:n_s] = 1.0
-        domain_logits = self.discriminator(grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda))
+        domain_logits = self.apply_per_domain(self.discriminator,
+                                              grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda), n_s)
         loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, self.domain_weights(logits, n_s, ctx))
 
         # lambda lives in the GRL: D minimises loss_domain, G receives -lambda times its gradient.
-        loss = loss_cls + loss_domain
+        loss = loss_cls + self.domain_weight * loss_domain
         terms = {"loss_cls": loss_cls.detach(), "loss_domain": loss_domain.detach(), "domain_acc": domain_acc.detach()}
         if self.bsp_weight > 0:
             loss_bsp = bsp_penalty(f[:n_s], f[n_s:], self.bsp_k)

@@ -34,7 +34,8 @@ class MDD(Method):
     def step(self, batch: Batch, ctx: StepContext):
         n_s, f, logits, loss_cls = self.forward_both(batch)
         predicted = logits.argmax(1)  # h_f: labels only, no gradient flows through them
-        logits_adv = self.adversary(grad_reverse(f, float(self.cfg.method.reversal_scale) * ctx.grl_lambda))
+        reversed_f = grad_reverse(f, float(self.cfg.method.reversal_scale) * ctx.grl_lambda)
+        logits_adv = self.apply_per_domain(self.adversary, reversed_f, n_s)
         loss_mdd = mdd_adversary_loss(logits_adv[:n_s], logits_adv[n_s:], predicted[:n_s], predicted[n_s:],
                                       float(self.cfg.method.margin))
         loss = loss_cls + self.trade_off(ctx) * loss_mdd
