@@ -204,6 +204,8 @@ def test_experiments_compose(experiment):
         assert cfg.grl.name == "ganin" and cfg.method.get("domain_outputs", 2) == 2
         assert (list(cfg.backbone.channels), cfg.backbone.batch_norm, cfg.backbone.dropout) == ([64, 50], True, 0.5)
         assert cfg.backbone.label_head_batch_norm and cfg.backbone.domain_head_batch_norm
+        if cfg.method.name == "dann":  # one pass per domain, the two domains' losses summed (fungtion/DANN)
+            assert cfg.method.separate_forward and cfg.method.domain_weight == 2
     else:  # Transfer-Learning-Library's digits recipe
         assert cfg.trainer.batch_size == 128 and cfg.trainer.max_steps == 50000
         assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
@@ -214,6 +216,8 @@ def test_experiments_compose(experiment):
         if cfg.method.name.startswith("cdan"):  # the full map into TLL's 1024-1024 BatchNorm discriminator
             assert cfg.method.randomized is False
             assert list(cfg.backbone.domain_head) == [1024, 1024] and cfg.backbone.domain_head_batch_norm
+        if cfg.method.name == "cdan_e":  # tllib's CDAN+E weights, not the authors' code (the method's default)
+            assert cfg.method.entropy_normalization == "batch" and not cfg.method.entropy_gradient
 
 
 REAL_ROOT = os.environ.get("DA_DATA_ROOT")
