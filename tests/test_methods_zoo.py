@@ -218,16 +218,20 @@ def test_loss_term_methods_descend_cross_entropy_plus_their_weighted_term(name, 
     weight_key = {"minent": "entropy_weight", "bnm": "bnm_weight"}.get(name, "trade_off")
     ramp = lam if options.ramp_trade_off else 1.0
     weight = float(options[weight_key]) * ramp
-    # Target-prediction add-ons the method's config turns on besides its own term (AFN: entropy 0.03;
-    # MinEnt: the class balance at the entropy's weight).
+    # Target-prediction add-ons the method's config turns on besides its own term (MinEnt: the class
+    # balance at the entropy's weight).
     add_ons = [(float(options.get(key, 0.0)) * ramp, fn) for key, fn in
                (("entropy_weight", entropy_loss), ("bnm_weight", bnm_loss), ("balance_weight", class_balance_loss))
                if key != weight_key]
 
     @seeded
     def loss_fn(m):
-        f = m.features(torch.cat([batch.x_s, batch.x_t]))
-        logits = m.classifier(f)
+        if options.separate_forward:  # one pass per domain (AFN, as its reference implementations)
+            f_s, f_t = m.features(batch.x_s), m.features(batch.x_t)
+            f, logits = torch.cat([f_s, f_t]), torch.cat([m.classifier(f_s), m.classifier(f_t)])
+        else:
+            f = m.features(torch.cat([batch.x_s, batch.x_t]))
+            logits = m.classifier(f)
         return (F.cross_entropy(logits[:6], batch.y_s) + weight * loss_of(f[:6], f[6:], logits[:6], logits[6:])
                 + sum(w * fn(logits[6:]) for w, fn in add_ons))
 
