@@ -23,7 +23,7 @@ def domain_loss_and_acc(logits: torch.Tensor, is_source: torch.Tensor,
         target = is_source.long()
         per_sample = F.cross_entropy(logits, target, reduction="none")
         correct = logits.argmax(1) == target
-    # The normaliser is detached: where the weights carry a gradient (CDAN+E's official variant), it
+    # The normaliser is detached: where the weights carry a gradient (CDAN+E's entropy_gradient), it
     # reaches them only through the weighted sum.
     loss = per_sample.mean() if weights is None else (weights * per_sample).sum() / weights.detach().sum()
     return loss, correct.float().mean()
