@@ -37,13 +37,16 @@ ENTROPY_NORMALIZATIONS = ("batch", "domain")
 
 @register("cdan", "cdan_e", "cdan_bsp")
 class CDAN(DANN):
-    def adversary_input_dim(self) -> int:
-        """Called by DANN.__init__ before it builds the discriminator: chooses the map."""
-        options, d, c = self.cfg.method, self.features.out_features, self.num_classes
-        normalization = options.get("entropy_normalization", "batch")
+    def __init__(self, cfg, input_shape, num_classes):
+        normalization = cfg.method.get("entropy_normalization", "batch")
         if normalization not in ENTROPY_NORMALIZATIONS:
             raise UserError(f"method.entropy_normalization must be one of {', '.join(ENTROPY_NORMALIZATIONS)}, "
                             f"got {normalization!r}")
+        super().__init__(cfg, input_shape, num_classes)
+
+    def adversary_input_dim(self) -> int:
+        """Called by DANN.__init__ before it builds the discriminator: chooses the map."""
+        options, d, c = self.cfg.method, self.features.out_features, self.num_classes
         randomized = options.get("randomized")
         if randomized is None:  # the paper's rule
             randomized = d * c > int(options.get("max_multilinear_dim", 4096))
@@ -62,7 +65,10 @@ class CDAN(DANN):
         h = grad_reverse(h, ctx.grl_lambda) if options.get("entropy_gradient", False) else h.detach()
         w = 1.0 + torch.exp(-h)
         if options.get("entropy_normalization", "batch") == "batch":
-            return w * (len(w) / w.detach().sum())
-        # Each domain's weights sum to its number of rows: mean 1 per domain (the normalisers detached).
-        w_s, w_t = w[:n_s], w[n_s:]
-        return torch.cat([w_s * (len(w_s) / w_s.detach().sum()), w_t * (len(w_t) / w_t.detach().sum())])
+            return _mean_one(w)
+        return torch.cat([_mean_one(w[:n_s]), _mean_one(w[n_s:])])  # mean 1 within each domain
+
+
+def _mean_one(w: torch.Tensor) -> torch.Tensor:
+    """w scaled to mean 1, the scale detached (a gradient through w reaches it only through w itself)."""
+    return w * (len(w) / w.detach().sum())
