@@ -78,6 +78,9 @@ def validate(cfg: DictConfig) -> None:
     for group, value in (cfg.optim.get("lr_mult") or {}).items():
         if not _is_number(value) or value < 0:
             raise UserError(f"optim.lr_mult.{group} must be a number >= 0, got {value!r}")
+    for group, value in (cfg.optim.get("group_momentum") or {}).items():
+        if value is not None and (not _is_number(value) or value < 0):
+            raise UserError(f"optim.group_momentum.{group} must be null or a number >= 0, got {value!r}")
     bottleneck = cfg.backbone.get("bottleneck") or {}
     width = bottleneck.get("width")
     if width is not None and (not _is_int(width) or width <= 0):

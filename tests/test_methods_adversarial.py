@@ -92,16 +92,17 @@ def test_cdan_discriminator_sees_the_map_of_features_and_detached_predictions(mo
     original = method.discriminator.forward
 
     def spy(x):
-        seen["input"] = x
+        seen.setdefault("inputs", []).append(x)
         return original(x)
 
     monkeypatch.setattr(method.discriminator, "forward", spy)
     batch = Batch(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.randn(4, 2))
-    with torch.no_grad():
-        f = method.features(torch.cat([batch.x_s, batch.x_t]))
-        g = torch.softmax(method.classifier(f), 1)
+    with torch.no_grad():  # the default runs each domain through the networks on its own
+        f = torch.cat([method.features(batch.x_s), method.features(batch.x_t)])
+        g = torch.softmax(torch.cat([method.classifier(f[:4]), method.classifier(f[4:])]), 1)
     out = method.step(batch, ctx())
-    assert torch.allclose(seen["input"], multilinear_map(f, g), atol=1e-6)
+    assert len(seen["inputs"]) == 2  # one discriminator pass per domain
+    assert torch.allclose(torch.cat(seen["inputs"]), multilinear_map(f, g), atol=1e-6)
     assert {"loss_cls", "loss_domain", "domain_acc"} <= set(out)
 
 

@@ -265,6 +265,14 @@ def test_sgd_nesterov_and_weight_decay_reach_the_optimizer():
     assert w.item() == pytest.approx(value, rel=1e-6)
 
 
+def test_group_momentum_replaces_momentum_for_the_groups_it_names():
+    # AFN's reference optimiser: plain SGD on the backbone, momentum 0.9 on the bottleneck and the heads.
+    cfg = make_cfg("method=source_only", *TINY_TOY, "backbone.bottleneck.width=4", "optim.momentum=0.9",
+                   "optim.group_momentum.backbone=0.0")
+    groups = {g["group"]: g["momentum"] for g in build_method(cfg, (2,), 2).optimizers["main"].param_groups}
+    assert groups == {"backbone": 0.0, "bottleneck": 0.9, "heads": 0.9}
+
+
 def test_mcd_feature_optimizer_uses_feature_momentum():
     method = build_method(make_cfg("method=mcd", *TINY_TOY, "optim.momentum=0.9"), (2,), 2)
     assert {g["momentum"] for g in method.optimizers["features"].param_groups} == {0.0}
@@ -457,6 +465,7 @@ def test_domain_weight_scales_the_domain_loss():
     (["optim.gamma=-0.1"], "optim.gamma must be a number >= 0, got -0.1"),
     (["optim.decay=abc"], "optim.decay must be a number >= 0, got 'abc'"),
     (["optim.lr_mult.backbone=-1"], "optim.lr_mult.backbone must be a number >= 0, got -1"),
+    (["optim.group_momentum.heads=-0.5"], "optim.group_momentum.heads must be null or a number >= 0, got -0.5"),
     (["backbone.bottleneck.width=0"], "backbone.bottleneck.width must be null or a positive integer, got 0"),
     (["backbone.bottleneck.dropout=1.0"], "backbone.bottleneck.dropout must be a number in [0, 1), got 1.0"),
     (["backbone.domain_head_dropout=-0.5"], "backbone.domain_head_dropout must be a number in [0, 1), got -0.5"),

@@ -48,6 +48,10 @@ def build_optimizer(param_groups, cfg) -> torch.optim.Optimizer:
     """The optimizer of the `optim` config node for `param_groups` (a list of dicts with "params")."""
     lr, weight_decay = float(cfg.lr), float(cfg.weight_decay)
     if cfg.name == "sgd":
+        group_momentum = cfg.get("group_momentum") or {}
+        for group in param_groups:  # e.g. AFN's reference: no momentum on the backbone, 0.9 on the rest
+            if "group" in group and group_momentum.get(group["group"]) is not None:
+                group["momentum"] = float(group_momentum[group["group"]])
         return torch.optim.SGD(param_groups, lr=lr, momentum=float(cfg.momentum), weight_decay=weight_decay,
                                nesterov=bool(cfg.nesterov))
     if cfg.name == "adam":
