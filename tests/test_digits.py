@@ -216,6 +216,7 @@ def test_experiments_compose(experiment):
         if cfg.method.name.startswith("cdan"):  # the full map into TLL's 1024-1024 BatchNorm discriminator
             assert cfg.method.randomized is False
             assert list(cfg.backbone.domain_head) == [1024, 1024] and cfg.backbone.domain_head_batch_norm
+            assert not cfg.method.separate_forward  # tllib's cdan.py: one pass over both domains
         if cfg.method.name == "cdan_e":  # tllib's CDAN+E weights, not the authors' code (the method's default)
             assert cfg.method.entropy_normalization == "batch" and not cfg.method.entropy_gradient
 
