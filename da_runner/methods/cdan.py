@@ -7,7 +7,10 @@ detached (it conditions, it is not trained through D). By default the full map i
 CDAN's digits code and Transfer-Learning-Library, with their wide discriminator (1024-1024 with
 BatchNorm; configs/method/cdan.yaml); `randomized: true` uses the randomized map
 (R_f f) ⊙ (R_g g) / sqrt(randomized_dim) instead, and `randomized: null` follows the paper's rule
-(randomized when d * C exceeds `max_multilinear_dim`, 4096).
+(randomized when d * C exceeds `max_multilinear_dim`, 4096). Source and target run through the
+networks in separate passes by default (`separate_forward`), so each BatchNorm layer of the
+bottleneck and the discriminator normalises each domain with its own statistics; the reference
+implementations concatenate them (docs/benchmarks.md measures both).
 
 CDAN+E (`method=cdan_e`) weights each sample's domain loss by w = 1 + exp(-H(g)), so that confident
 (easy-to-transfer) samples count more. Two readings of the normalisation exist:
