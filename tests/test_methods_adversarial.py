@@ -148,6 +148,12 @@ def test_cdan_e_rejects_an_unknown_normalisation():
         cdan_e("method.entropy_normalization=classes")
 
 
+def test_cdan_runs_the_domains_apart_except_with_bsp():
+    # Per-domain BatchNorm statistics lift CDAN (docs/benchmarks.md); with BSP they collapse it.
+    passes = {name: make_cfg(f"method={name}").method.separate_forward for name in ("cdan", "cdan_e", "cdan_bsp")}
+    assert passes == {"cdan": True, "cdan_e": True, "cdan_bsp": False}
+
+
 def test_bsp_variants_log_and_use_the_penalty():
     for name in ("dann_bsp", "cdan_bsp"):
         method = build_method(make_cfg(f"method={name}", *TINY_TOY), (2,), 2)
