@@ -325,6 +325,16 @@ def test_afn_config_uses_l2_preserved_dropout_on_its_bottleneck():
     assert method.features.out_features == 1000 and method.classifier[0].in_features == 1000
 
 
+
+def test_bnm_config_runs_the_domains_apart_on_a_batch_norm_bottleneck():
+    # As the authors' code runs BNM (source and target in separate passes through a BatchNorm network):
+    # on the DANN paper's network, which has no BatchNorm, the bottleneck supplies it (docs/benchmarks.md).
+    cfg = make_cfg("method=bnm", *TINY_TOY)
+    assert cfg.method.separate_forward is True
+    method = build_method(cfg, (2,), 2)
+    assert layer_types(method.features.bottleneck) == [nn.Linear, nn.BatchNorm1d, nn.ReLU]
+    assert method.features.out_features == 256
+
 # ---- class balance (MCD) and AFN's per-domain sum -----------------------------------------------------------
 
 def test_class_balance_loss_matches_a_hand_computation():
