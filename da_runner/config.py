@@ -6,6 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from da_runner.errors import UserError
+from da_runner.nn.backbones import TORCHVISION_RESNETS, check_timm_model, local_weights_file, torchvision_weights
 from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
 from da_runner.validators import VALIDATORS
 
@@ -90,6 +91,7 @@ def validate(cfg: DictConfig) -> None:
                        ("backbone.domain_head_dropout", cfg.backbone.get("domain_head_dropout", 0.0))):
         if not _is_number(value) or not 0 <= value < 1:
             raise UserError(f"{key} must be a number in [0, 1), got {value!r}")
+    validate_backbone(cfg.backbone)
     momentum = cfg.method.get("feature_momentum")
     if momentum is not None and (not _is_number(momentum) or momentum < 0):
         raise UserError(f"method.feature_momentum must be null or a number >= 0, got {momentum!r}")
@@ -99,6 +101,21 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume must be true or false, got {cfg.resume!r}")
+
+
+def validate_backbone(backbone: DictConfig) -> None:
+    """The initial-weights keys of every backbone, and the model keys of torchvision's and timm's."""
+    pretrained, weights = backbone.get("pretrained", False), backbone.get("weights")
+    if not isinstance(pretrained, bool):
+        raise UserError(f"backbone.pretrained must be true or false, got {pretrained!r}")
+    if weights is not None:
+        local_weights_file(weights)
+    if pretrained and not weights and backbone.name in TORCHVISION_RESNETS:
+        torchvision_weights(backbone.name, str(backbone.get("pretrained_tag", "DEFAULT")))
+    if backbone.name == "timm":
+        check_timm_model(backbone.get("model"))
+        if not isinstance(backbone.get("kwargs") or {}, (dict, DictConfig)):
+            raise UserError(f"backbone.kwargs must be a mapping of timm.create_model options, got {backbone.kwargs!r}")
 
 
 def resolve_device(name: str) -> torch.device:

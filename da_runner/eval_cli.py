@@ -74,6 +74,7 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
     from da_runner.config import resolve_device
     from da_runner.data import build_pair
     from da_runner.methods import build_method
+    from da_runner.nn.backbones import without_initial_weights
 
     state = checkpoint.load(ckpt)
     cfg = OmegaConf.create(state["config"])
@@ -85,7 +86,8 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
         except HydraException as err:
             raise UserError(str(err).split("\nConfig search path")[0]) from err
     pair = build_pair(cfg.data).to(resolve_device(device))
-    method = build_method(cfg, pair.input_shape, pair.num_classes)
+    # The checkpoint holds every weight: no pretrained download or local weights file needed.
+    method = build_method(without_initial_weights(cfg), pair.input_shape, pair.num_classes)
     try:
         method.load_checkpoint_state(state["method"])
     except RuntimeError as err:  # e.g. 3-channel weights on 1-channel data

@@ -22,6 +22,7 @@ from da_runner.errors import UserError
 from da_runner.evaluation import ValidationData, evaluate
 from da_runner.logging import RunLogger
 from da_runner.methods import Batch, StepContext, build_method
+from da_runner.nn.backbones import without_initial_weights
 from da_runner.schedules import grl_lambda, lr_factor
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                             f"point hydra.run.dir at the run directory to resume")
         resumed = checkpoint.load(last_path)
         cfg = _config_for_resume(cfg, resumed, run_dir)
-    validate(cfg)
+    # A resumed run's weights come from its checkpoint: its backbone fetches no pretrained or local ones.
+    build_cfg = without_initial_weights(cfg) if resumed is not None else cfg
+    validate(build_cfg)
     device = resolve_device(cfg.device)
     tcfg = cfg.trainer
     max_steps = int(tcfg.max_steps)
@@ -93,7 +96,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         if tcfg.batch_size > len(getattr(pair, split)):
             raise UserError(f"trainer.batch_size={tcfg.batch_size} is larger than the {len(getattr(pair, split))} "
                             f"samples of {split} in data={pair.name}")
-    method = build_method(cfg, pair.input_shape, pair.num_classes).to(device)
+    method = build_method(build_cfg, pair.input_shape, pair.num_classes).to(device)
     channels_last = bool(tcfg.get("channels_last", False)) and pair.is_image
     if channels_last:
         method.to(memory_format=torch.channels_last)

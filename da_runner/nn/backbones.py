@@ -2,14 +2,28 @@
 
 The input shape comes from the data (channels, height, width for images; (features,) for vectors),
 so one backbone config works for every dataset it fits. Heads are built by the method on top.
+
+Two families: networks written here for digits and vectors (trained from scratch), and the image
+networks of torchvision (ResNet-18/34/50/101) and timm (any model), which can start from the
+libraries' pretrained weights (`backbone.pretrained`) or from a local file (`backbone.weights`).
 """
 
+import copy
+import difflib
+import logging
 import math
+import os
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from da_runner.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def _flat_size(module: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -149,7 +163,232 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP}
+class MissingWeightsError(UserError):
+    """Pretrained weights that could not be downloaded; the message says which file to put where."""
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def local_weights_file(value) -> Path:
+    """The existing file named by `backbone.weights`."""
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise UserError(f"backbone.weights={value}: no such file (a checkpoint of the backbone's network, "
+                        f"or null to start from backbone.pretrained)")
+    return path
+
+
+def read_state_dict(value) -> dict[str, torch.Tensor]:
+    """The state dict in the checkpoint file `backbone.weights`: a plain state dict, or one wrapped as
+    {"state_dict": ...} or {"model": ...} as training scripts save them, with DataParallel's
+    "module." prefixes removed. `.safetensors` files (timm's format on the Hugging Face Hub) too."""
+    path = local_weights_file(value)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling, zip and safetensors errors share no base class
+        raise UserError(f"backbone.weights={path} could not be read as a checkpoint "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"backbone.weights={path} holds no state dict (parameter names -> tensors), "
+                        f"nor one under 'state_dict' or 'model'")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def load_backbone_state(net: nn.Module, state: dict[str, torch.Tensor], classifier, source: str) -> None:
+    """Copy `state` into `net`, a library's model whose classifier the method's label head replaces.
+
+    The original classifier's keys (`classifier`: "fc", "head", "head.fc" or a tuple of them) are
+    dropped; every other key must fit, or the error names `source` and the first keys that do not.
+    """
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    prefixes = tuple(f"{name}." for name in names)
+    state = {key: value for key, value in state.items() if not key.startswith(prefixes)}
+    own = net.state_dict()
+    wrong_shape = [f"{key} {tuple(value.shape)} (the network's: {tuple(own[key].shape)})"
+                   for key, value in state.items() if key in own and value.shape != own[key].shape]
+    if wrong_shape:
+        raise UserError(f"{source} does not fit the backbone: wrong shapes for {_first(wrong_shape, 3)}")
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        problems = [f"{label} keys {_first(keys)}" for label, keys in
+                    (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise UserError(f"{source} does not fit the backbone: {'; '.join(problems)}. Is it a checkpoint of "
+                        f"this network (its state_dict, or one under 'state_dict' or 'model')?")
+
+
+def torch_hub_cache_file(url: str) -> Path:
+    """Where torch.hub's `load_state_dict_from_url` keeps (and first looks for) the file of `url`:
+    $TORCH_HOME/hub/checkpoints/<file name>, read when the call is made."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _download_failed(what: str, url: str, err: Exception, place: str) -> MissingWeightsError:
+    """One message: what could not be downloaded from where, why, and the ways around it."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return MissingWeightsError(
+        f"{what} could not be downloaded from {url} ({reason}). {place}, or start from a local checkpoint "
+        f"(that file, for one) with backbone.weights=<file>, or from random weights with backbone.pretrained=false")
+
+
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def torchvision_weights(name: str, tag: str):
+    """torchvision's weights entry `tag` for model `name`, e.g. ResNet50_Weights.IMAGENET1K_V1."""
+    entries = torchvision.models.get_model_weights(name)
+    if tag not in entries.__members__:
+        raise UserError(f"backbone.pretrained_tag must be one of {', '.join(entries.__members__)} for "
+                        f"backbone={name}, got {tag!r}")
+    return entries[tag]
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision's ResNet-18, -34, -50 or -101 (`backbone.name`) without its fc layer: the globally
+    average-pooled output of the last stage, 512 features (18, 34) or 2,048 (50, 101).
+
+    `backbone.weights=<file>` starts from a local checkpoint; otherwise `backbone.pretrained=true`
+    starts from torchvision's ImageNet weights `backbone.pretrained_tag`, which torchvision's weights
+    API downloads once into torch.hub's cache ($TORCH_HOME/hub/checkpoints/) and reads from there.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], cfg):
+        super().__init__()
+        name = cfg.name
+        _require_image(name, input_shape, 1)
+        if input_shape[0] != 3:
+            raise UserError(f"backbone={name} takes RGB images (3 channels), but the data gives {input_shape[0]}; "
+                            f"digit pairs convert with data.channels=3 (backbone=timm adapts its first layer)")
+        self.net = torchvision.models.get_model(name, weights=None)
+        self.out_features = self.net.fc.in_features
+        self.net.fc = nn.Identity()  # the method's label head is the classifier
+        if cfg.get("weights"):
+            load_backbone_state(self.net, read_state_dict(cfg.weights), "fc", f"backbone.weights={cfg.weights}")
+        elif cfg.get("pretrained", False):
+            weights = torchvision_weights(name, str(cfg.get("pretrained_tag", "DEFAULT")))
+            path = torch_hub_cache_file(weights.url)
+            try:
+                state = weights.get_state_dict(progress=True, check_hash=True)
+            except OSError as err:  # urllib's URLError and HTTPError, socket errors: no network, no file
+                raise _download_failed(
+                    f"backbone={name} backbone.pretrained=true: torchvision's {weights} ({path.name})", weights.url,
+                    err, f"Place that file at {path} (torch.hub's cache; TORCH_HOME moves it)") from err
+            load_backbone_state(self.net, state, "fc", str(path))
+            log.info("backbone=%s starts from torchvision's %s (%s)", name, weights, path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def import_timm():
+    """timm, or one message saying how to install it."""
+    try:
+        import timm
+    except ImportError as err:
+        raise UserError("backbone=timm needs the timm package: pip install 'da-runner[images]' "
+                        "(or pip install timm)") from err
+    return timm
+
+
+def check_timm_model(model) -> None:
+    """`backbone.model` names a timm model (an architecture, optionally with a weights tag), or the
+    error lists the closest names."""
+    timm = import_timm()
+    if not isinstance(model, str) or not model:
+        raise UserError(f"backbone.model must name a timm model (e.g. resnet50, convnext_tiny), got {model!r}")
+    if ":" in model:  # hf-hub:<repo> and local-dir:<dir>: timm resolves those itself
+        return
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=5)
+        hint = f"close matches: {', '.join(close)}" if close else "timm.list_models('*<part>*') lists the names"
+        raise UserError(f"backbone.model={model!r} is not a timm model; {hint}")
+    try:
+        timm.models.get_pretrained_cfg(model)
+    except RuntimeError as err:  # an architecture with a weights tag timm does not know
+        arch = model.split(".")[0]
+        raise UserError(f"backbone.model={model!r}: {err} Tagged names: {_first(timm.list_pretrained(arch + '.*'), 8)}") from err
+
+
+def _timm_download_failed(model: str, err: Exception) -> MissingWeightsError:
+    """The message for timm's pretrained weights that could not be fetched: from the Hugging Face Hub
+    (timm's first choice, into the Hugging Face cache) or from a URL (into torch.hub's cache)."""
+    pretrained = import_timm().models.get_pretrained_cfg(model)
+    what = f"backbone=timm backbone.model={model} backbone.pretrained=true: timm's weights"
+    if pretrained is None:  # a hf-hub:<repo> name: the name is the place
+        return _download_failed(what, model, err, "Download the repository's weights file")
+    if pretrained.hf_hub_id:
+        from huggingface_hub import constants
+
+        repo = pretrained.hf_hub_id
+        url = f"https://huggingface.co/{repo}/resolve/main/{pretrained.hf_hub_filename or 'model.safetensors'}"
+        place = (f"Copy the folder models--{repo.replace('/', '--')} of a Hugging Face cache that holds them into "
+                 f"{constants.HF_HUB_CACHE} (timm's cache; HF_HOME moves it)")
+        return _download_failed(f"{what} {repo}", url, err, place)
+    path = torch_hub_cache_file(pretrained.url)
+    return _download_failed(f"{what} ({path.name})", pretrained.url, err,
+                            f"Place that file at {path} (torch.hub's cache; TORCH_HOME moves it)")
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model (`backbone.model`), built with `num_classes=0`: its pooled pre-logits features.
+
+    timm adapts the first layer to the data's channel count (`in_chans`) and, for models with a
+    fixed input size (ViTs), the input size (`img_size`); `backbone.kwargs` passes further options to
+    `timm.create_model` (e.g. `+backbone.kwargs.drop_path_rate=0.1`). `backbone.pretrained=true` loads
+    timm's weights through timm's own mechanism (the Hugging Face Hub and its cache);
+    `backbone.weights=<file>` a local checkpoint instead.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], cfg):
+        super().__init__()
+        _require_image("timm", input_shape, 1)
+        timm = import_timm()
+        model = cfg.get("model")
+        check_timm_model(model)
+        pretrained = bool(cfg.get("pretrained", False)) and not cfg.get("weights")
+        defaults = None if ":" in model else timm.models.get_pretrained_cfg(model)
+        if pretrained and ":" not in model and not (defaults and (defaults.hf_hub_id or defaults.url or defaults.file)):
+            raise UserError(f"timm has no pretrained weights for backbone.model={model}; set backbone.pretrained=false "
+                            f"or start from backbone.weights=<file>")
+        options = cfg.get("kwargs") or {}
+        kwargs = {"in_chans": input_shape[0],
+                  **(OmegaConf.to_container(options) if isinstance(options, DictConfig) else options)}
+        if defaults and defaults.fixed_input_size and tuple(defaults.input_size[1:]) != tuple(input_shape[1:]):
+            kwargs.setdefault("img_size", tuple(input_shape[1:]))  # timm resamples pretrained position embeddings
+        try:
+            self.net = timm.create_model(model, pretrained=pretrained, num_classes=0, **kwargs)
+        except OSError as err:  # the Hub or the URL could not be reached, and the cache has no copy
+            raise _timm_download_failed(model, err) from err
+        except (RuntimeError, TypeError, ValueError) as err:  # an unknown weights tag, an option the model lacks
+            raise UserError(f"timm could not build backbone.model={model} with {kwargs}: {err}") from err
+        if cfg.get("weights"):
+            load_backbone_state(self.net, read_state_dict(cfg.weights), self.net.pretrained_cfg.get("classifier"),
+                                f"backbone.weights={cfg.weights}")
+        elif pretrained:
+            log.info("backbone=timm starts from timm's pretrained %s", model)
+        try:  # the width, and a check that the model takes the data's image size
+            self.out_features = _flat_size(self.net, input_shape)
+        except RuntimeError as err:
+            raise UserError(f"backbone.model={model} cannot take inputs of shape {tuple(input_shape)}: "
+                            f"{str(err).splitlines()[0]}") from err
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP,
+             **{name: TorchvisionResNet for name in TORCHVISION_RESNETS}, "timm": TimmBackbone}
 
 
 def build_backbone(cfg, input_shape: tuple[int, ...]) -> nn.Module:
@@ -207,3 +446,15 @@ class FeatureExtractor(nn.Module):
 def build_features(cfg, input_shape: tuple[int, ...]) -> FeatureExtractor:
     """The feature extractor G of the `backbone` config node: backbone + bottleneck."""
     return FeatureExtractor(cfg, tuple(input_shape))
+
+
+def without_initial_weights(cfg):
+    """A copy of a run's config whose backbone starts from random weights, for building a model whose
+    weights a checkpoint replaces at once (resume, da-eval): neither the network nor the pretrained or
+    local weights file is needed then."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg.backbone):
+        for key, value in (("pretrained", False), ("weights", None)):
+            if key in cfg.backbone:
+                cfg.backbone[key] = value
+    return cfg
