@@ -11,7 +11,6 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-from omegaconf import OmegaConf
 
 from da_runner.config import validate
 from da_runner.errors import UserError

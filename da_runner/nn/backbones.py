@@ -167,6 +167,11 @@ class MissingWeightsError(UserError):
     """Pretrained weights that could not be downloaded; the message says which file to put where."""
 
 
+def _first_line(err: Exception) -> str:
+    """A library error's first line (some run to a paragraph), so that the user's message stays one line."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def _first(keys: list[str], n: int = 5) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
@@ -195,7 +200,7 @@ def read_state_dict(value) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling, zip and safetensors errors share no base class
         raise UserError(f"backbone.weights={path} could not be read as a checkpoint "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+                        f"({type(err).__name__}: {_first_line(err)})") from err
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -236,9 +241,8 @@ def torch_hub_cache_file(url: str) -> Path:
 
 def _download_failed(what: str, url: str, err: Exception, place: str) -> MissingWeightsError:
     """One message: what could not be downloaded from where, why, and the ways around it."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     return MissingWeightsError(
-        f"{what} could not be downloaded from {url} ({reason}). {place}, or start from a local checkpoint "
+        f"{what} could not be downloaded from {url} ({_first_line(err)}). {place}, or start from a local checkpoint "
         f"(that file, for one) with backbone.weights=<file>, or from random weights with backbone.pretrained=false")
 
 
@@ -317,7 +321,8 @@ def check_timm_model(model) -> None:
         timm.models.get_pretrained_cfg(model)
     except RuntimeError as err:  # an architecture with a weights tag timm does not know
         arch = model.split(".")[0]
-        raise UserError(f"backbone.model={model!r}: {err} Tagged names: {_first(timm.list_pretrained(arch + '.*'), 8)}") from err
+        tagged = _first(timm.list_pretrained(arch + ".*"), 8)
+        raise UserError(f"backbone.model={model!r}: {err} Tagged names: {tagged}") from err
 
 
 def _timm_download_failed(model: str, err: Exception) -> MissingWeightsError:
@@ -357,8 +362,9 @@ class TimmBackbone(nn.Module):
         model = cfg.get("model")
         check_timm_model(model)
         pretrained = bool(cfg.get("pretrained", False)) and not cfg.get("weights")
-        defaults = None if ":" in model else timm.models.get_pretrained_cfg(model)
-        if pretrained and ":" not in model and not (defaults and (defaults.hf_hub_id or defaults.url or defaults.file)):
+        located = ":" in model  # hf-hub:<repo>, local-dir:<dir>: the name says where the weights are
+        defaults = None if located else timm.models.get_pretrained_cfg(model)
+        if pretrained and not located and not (defaults and (defaults.hf_hub_id or defaults.url or defaults.file)):
             raise UserError(f"timm has no pretrained weights for backbone.model={model}; set backbone.pretrained=false "
                             f"or start from backbone.weights=<file>")
         options = cfg.get("kwargs") or {}
@@ -381,7 +387,7 @@ class TimmBackbone(nn.Module):
             self.out_features = _flat_size(self.net, input_shape)
         except RuntimeError as err:
             raise UserError(f"backbone.model={model} cannot take inputs of shape {tuple(input_shape)}: "
-                            f"{str(err).splitlines()[0]}") from err
+                            f"{_first_line(err)}") from err
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
