@@ -150,8 +150,8 @@ class ImageFileDomain:
                              self.resize)
         return DataLoader(dataset, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and self.device.type == "cuda",
-                          # Its own generator: creating a loader then draws no number from the
-                          # global RNG, so when a run starts its loaders does not change its training.
+                          # Its own generator: starting a loader (at the start, on resume, at each
+                          # evaluation) then draws no number from the global RNG the training uses.
                           generator=torch.Generator(), **kwargs)
 
     def batches(self, batch_size: int):
