@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from da_runner.data.memory import DomainPair
+from da_runner.data.domain import DomainPair
 from da_runner.evaluation import outputs
 
 

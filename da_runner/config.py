@@ -95,6 +95,7 @@ def validate(cfg: DictConfig) -> None:
     momentum = cfg.method.get("feature_momentum")
     if momentum is not None and (not _is_number(momentum) or momentum < 0):
         raise UserError(f"method.feature_momentum must be null or a number >= 0, got {momentum!r}")
+    _validate_data(cfg.data)
     if not _is_int(cfg.seed):
         raise UserError(f"seed must be an integer, got {cfg.seed!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
@@ -116,6 +117,25 @@ def validate_backbone(backbone: DictConfig) -> None:
         check_timm_model(backbone.get("model"))
         if not isinstance(backbone.get("kwargs") or {}, (dict, DictConfig)):
             raise UserError(f"backbone.kwargs must be a mapping of timm.create_model options, got {backbone.kwargs!r}")
+
+
+def _validate_data(data: DictConfig) -> None:
+    """The keys that data configs share (the builders check their dataset names)."""
+    fraction = data.get("source_val_fraction")
+    if fraction is not None and (not _is_number(fraction) or not 0 < fraction < 1):
+        raise UserError(f"data.source_val_fraction must be a number in (0, 1), got {fraction!r}")
+    if "image_size" not in data:  # the file-backed image pairs have the keys below
+        return
+    for key in ("image_size", "resize"):
+        if not _is_int(data[key]) or data[key] <= 0:
+            raise UserError(f"data.{key} must be a positive integer, got {data[key]!r}")
+    if data.resize < data.image_size:
+        raise UserError(f"data.resize must be >= data.image_size (the crop is taken from the resized image), "
+                        f"got {data.resize!r} < {data.image_size!r}")
+    if data.num_workers != "auto" and (not _is_int(data.num_workers) or data.num_workers < 0):
+        raise UserError(f"data.num_workers must be auto or an integer >= 0, got {data.num_workers!r}")
+    if not isinstance(data.pin_memory, bool):
+        raise UserError(f"data.pin_memory must be true or false, got {data.pin_memory!r}")
 
 
 def resolve_device(name: str) -> torch.device:

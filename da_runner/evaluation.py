@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from da_runner import validators as V
-from da_runner.data.memory import DomainPair, InMemoryDomain
+from da_runner.data.domain import Domain, DomainPair
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Outputs:
 
 
 @torch.no_grad()
-def outputs(method, domain: InMemoryDomain, batch_size: int = 1024) -> Outputs:
+def outputs(method, domain: Domain, batch_size: int = 1024) -> Outputs:
     """Run `method` (eval mode, no gradients) over a whole domain."""
     was_training = method.training
     method.eval()
@@ -50,8 +50,8 @@ class ValidationData:
     unlabelled target training data and of the source training data (for the validators)."""
 
     pair: DomainPair
-    target_sample: InMemoryDomain  # labels never read
-    source_sample: InMemoryDomain
+    target_sample: Domain  # labels never read
+    source_sample: Domain
 
     @classmethod
     def of(cls, pair: DomainPair, sample_size: int, seed: int = 0) -> "ValidationData":

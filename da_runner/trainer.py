@@ -17,7 +17,7 @@ from da_runner import checkpoint
 from da_runner import validators as V
 from da_runner.analysis import log_decision_boundary, run_analysis
 from da_runner.config import differences, resolve_device, validate
-from da_runner.data import BatchStream, build_pair
+from da_runner.data import build_pair
 from da_runner.errors import UserError
 from da_runner.evaluation import ValidationData, evaluate
 from da_runner.logging import RunLogger
@@ -105,9 +105,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         log.warning("method=%s trains on TARGET LABELS: an upper bound for comparison, not domain adaptation",
                     cfg.method.name)
     # Each domain's batches come from a generator of its own, so adding a method that draws random
-    # numbers (dropout, random matrices) never changes which samples a run sees.
-    source = BatchStream(pair.source_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1)
-    target = BatchStream(pair.target_train, int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2)
+    # numbers (dropout, random matrices) never changes which samples a run sees. The domain picks
+    # its stream: batches by index from memory, or decoded from files by DataLoader workers.
+    source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1)
+    target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2)
 
     # Label-free model selection: every validator in trainer.validators is computed at each evaluation
     # and remembers the evaluation it would choose; best.pt is the choice of trainer.select. Target
@@ -140,8 +141,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     logger = RunLogger(run_dir, start_step)
     draw_boundary = bool(tcfg.analysis) and pair.input_shape == (2,)
     if start_step == 0 and pair.is_image:
-        logger.images("data/source_samples", pair.source_train.x[:32].float() / 255)
-        logger.images("data/target_samples", pair.target_train.x[:32].float() / 255)
+        for name, domain in (("source", pair.source_train), ("target", pair.target_train)):
+            logger.images(f"data/{name}_samples", domain.unnormalize(next(domain.batches(32))[0]))
 
     bar = tqdm(total=max_steps, initial=start_step, desc=f"{cfg.method.name} on {pair.name}",
                disable=not tcfg.progress, dynamic_ncols=True, mininterval=0.5)

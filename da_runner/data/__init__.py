@@ -4,7 +4,8 @@ config file, and a new kind of data one function."""
 
 from hydra.utils import get_method
 
-from da_runner.data.memory import BatchStream, DomainPair, InMemoryDomain
+from da_runner.data.domain import Domain, DomainPair
+from da_runner.data.memory import BatchStream, InMemoryDomain
 from da_runner.errors import UserError
 
 
@@ -19,4 +20,4 @@ def build_pair(cfg) -> DomainPair:
     return builder(cfg)
 
 
-__all__ = ["BatchStream", "DomainPair", "InMemoryDomain", "build_pair"]
+__all__ = ["BatchStream", "Domain", "DomainPair", "InMemoryDomain", "build_pair"]

@@ -21,14 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from da_runner.errors import UserError
+from da_runner.errors import MissingDataError, UserError, missing_data_message
 
 MNISTM_HINT = ("MNIST-M has no working official download link: put the release tarball mnist_m.tar.gz there, "
                "or build it from MNIST and BSDS500 with `da-data build-mnistm --root <data.root> --bsds <BSDS500 dir>`")
-
-
-class MissingDataError(UserError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -142,14 +138,12 @@ def missing_files(name: str, train: bool, root) -> list[Path]:
 
 def missing_message(root, missing: dict[str, list[Path]]) -> str:
     """One message naming every missing file of every dataset, and how to get them."""
-    lines = [f"dataset files not found under data.root={root}. Missing:"]
-    for name, paths in missing.items():
-        lines += [f"  {p}   ({name})" for p in paths]
+    hints = []
     if any(name in DOWNLOADABLE for name in missing):
-        lines.append("MNIST / USPS / SVHN: set data.download=true to fetch them from the official sources.")
+        hints.append("MNIST / USPS / SVHN: set data.download=true to fetch them from the official sources.")
     if "mnistm" in missing:
-        lines.append(MNISTM_HINT)
-    return "\n".join(lines)
+        hints.append(MNISTM_HINT)
+    return missing_data_message(root, missing, hints)
 
 
 def load_split(name: str, train: bool, root, cache_dir=None, download: bool = False) -> Split:
@@ -224,7 +218,8 @@ def build_digit_pair(cfg):
     `data.channels` x `data.size` x `data.size`. Source train is split into train and held-out
     validation; the target's training split is the unlabelled adaptation data and its test split
     is where accuracy is reported."""
-    from da_runner.data.memory import DomainPair, InMemoryDomain, split_source
+    from da_runner.data.domain import DomainPair
+    from da_runner.data.memory import InMemoryDomain, split_source
 
     def load(name: str, train: bool) -> Split:
         split = load_split(name, train, cfg.root, cfg.cache_dir, bool(cfg.download))

@@ -12,7 +12,8 @@ import functools
 import numpy as np
 import torch
 
-from da_runner.data.memory import DomainPair, InMemoryDomain, split_source
+from da_runner.data.domain import DomainPair
+from da_runner.data.memory import InMemoryDomain, split_source
 from da_runner.data.mnistm_builder import blend_mnistm
 from da_runner.errors import UserError
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from da_runner.data.domain import EpochOrder, sample_index, validation_size
+
 
 @dataclass
 class InMemoryDomain:
@@ -49,18 +51,16 @@ class InMemoryDomain:
         """A fixed random subset of at most `size` samples (the same for a given seed)."""
         if size >= len(self):
             return self
-        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size].to(self.x.device)
+        index = sample_index(len(self), size, seed).to(self.x.device)
         return InMemoryDomain(self.x[index], self.y[index], self.mean, self.std)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stored inputs -> the float tensor the network sees."""
-        if not self.is_image:
-            return x
-        return (x.float().div_(255.0) - self._mean) / self._std
+        return normalize_images(x, self._mean, self._std) if self.is_image else x
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Network inputs back to [0, 1] images (for pictures in TensorBoard)."""
-        return (x * self._std + self._mean).clamp(0, 1) if self.is_image else x
+        return unnormalize_images(x, self._mean, self._std) if self.is_image else x
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prepare(self.x[index]), self.y[index]
@@ -71,70 +71,45 @@ class InMemoryDomain:
             index = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
             yield self.batch(index)
 
+    def stream(self, batch_size: int, seed: int) -> "BatchStream":
+        return BatchStream(self, batch_size, seed)
+
+
+def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float, per-channel normalised (mean, std: (1, C, 1, 1) on x's device)."""
+    return (x.float().div_(255.0) - mean) / std
+
+
+def unnormalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The inverse of normalize_images, as [0, 1] floats."""
+    return (x * std + mean).clamp(0, 1)
+
 
 class BatchStream:
-    """A never-ending stream of random batches from one domain.
-
-    Each epoch is a fresh permutation drawn from the stream's own generator; a batch never spans two
-    epochs (the tail of a permutation is dropped, as DataLoader's drop_last does). The state (generator,
-    permutation, position) goes into checkpoints so a resumed run draws exactly the same batches.
+    """A never-ending stream of random batches from one in-memory domain, gathered by index in the
+    order of an `EpochOrder` (a fresh permutation each epoch from the stream's own generator). Its
+    state goes into checkpoints so a resumed run draws exactly the same batches.
     """
 
     def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int):
-        if batch_size > len(domain):
-            raise ValueError(f"batch size {batch_size} exceeds the {len(domain)} samples of the domain")
-        self.domain, self.batch_size = domain, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.empty(0, dtype=torch.long)
-        self.pos = 0
+        self.domain = domain
+        self.order = EpochOrder(len(domain), batch_size, seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pos + self.batch_size > len(self.perm):
-            self.perm = torch.randperm(len(self.domain), generator=self.generator)
-            self.pos = 0
-        index = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
+        index, _, _ = self.order.next_batch()
         return self.domain.batch(index.to(self.domain.x.device, non_blocking=True))
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-        self.perm = state["perm"].clone()
-        self.pos = int(state["pos"])
-
-
-@dataclass
-class DomainPair:
-    """The four splits of a UDA task. Target training data is used without its labels."""
-
-    name: str
-    source_train: InMemoryDomain
-    source_val: InMemoryDomain  # held-out labelled source data, for label-free model selection
-    target_train: InMemoryDomain
-    target_test: InMemoryDomain
-    num_classes: int
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.source_train.input_shape
-
-    @property
-    def is_image(self) -> bool:
-        return self.source_train.is_image
-
-    def to(self, device) -> "DomainPair":
-        return DomainPair(
-            self.name, self.source_train.to(device), self.source_val.to(device),
-            self.target_train.to(device), self.target_test.to(device), self.num_classes,
-        )
+        self.order.load_state_dict(state)
 
 
 def split_source(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[InMemoryDomain, InMemoryDomain]:
     """Split already shuffled source data into training and held-out validation parts."""
-    n_val = max(1, round(len(y) * val_fraction))
+    n_val = validation_size(len(y), val_fraction)
     return InMemoryDomain(x[n_val:], y[n_val:]), InMemoryDomain(x[:n_val], y[:n_val])

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from sklearn.datasets import make_moons
 
-from da_runner.data.memory import DomainPair, InMemoryDomain, split_source
+from da_runner.data.domain import DomainPair
+from da_runner.data.memory import InMemoryDomain, split_source
 
 
 def _moons(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
