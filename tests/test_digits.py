@@ -1,6 +1,7 @@
 """Real digit loaders on tiny files in the real formats (IDX, libsvm .bz2, .mat, PNG tarball)."""
 
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -194,6 +195,25 @@ def test_experiments_compose(experiment):
         assert cfg.method.name == "dann" and cfg.optim.schedule == "ganin" and cfg.grl.name == "ganin"
         assert (cfg.data.name, cfg.trainer.max_steps) == {"digits_embedded": ("embedded_digits", 5000),
                                                           "digits_mnistm": ("mnist_mnistm", 10000)}[experiment]
+        return
+    if "_resnet" in experiment:  # the real-image recipes: method, network and data named by the experiment
+        method, network, data = re.fullmatch(r"(\w+)_(resnet\d+)_(office31|office_home)", experiment).groups()
+        assert (cfg.method.name, cfg.backbone.name, cfg.data._target_) == (
+            method, network, f"da_runner.data.images.build_{data}")
+        if network == "resnet18":  # the tutorial: the replaced last layer, a 100-unit discriminator, Adam 1e-3
+            assert cfg.optim.name == "adam" and cfg.optim.lr == 0.001 and cfg.optim.lr_mult.backbone == 1.0
+            assert cfg.backbone.bottleneck.width is None and list(cfg.backbone.label_head) == []
+            assert list(cfg.backbone.domain_head) == [100] and not cfg.backbone.domain_head_batch_norm
+            return
+        # Transfer-Learning-Library's Office recipe
+        assert cfg.backbone.pretrained and cfg.optim.lr_mult.backbone == 0.1 and cfg.trainer.batch_size == 32
+        assert cfg.optim.nesterov and cfg.optim.weight_decay == 0.001 and cfg.optim.schedule == "inv"
+        assert cfg.grl.name == "warm_start" and cfg.backbone.bottleneck.width == 256
+        assert list(cfg.backbone.domain_head) == [1024, 1024] and cfg.backbone.domain_head_batch_norm
+        assert cfg.trainer.max_steps == {"office31": 20000, "office_home": 30000}[data]
+        assert not cfg.method.separate_forward
+        if method == "cdan_e":
+            assert cfg.method.entropy_normalization == "batch" and not cfg.method.entropy_gradient
         return
     assert experiment.startswith(cfg.method.name + "_") and cfg.data.name in experiment
     if experiment.endswith(("_paper", "_toy2d")):  # the DANN paper's recipe

@@ -311,3 +311,15 @@ def test_real_office31_amazon_to_webcam():
     assert 0 <= y.min() and y.max() < 31
     x_t, y_t = next(pair.target_test.batches(64))
     assert x_t.shape == (64, 3, 224, 224) and len(y_t) == 64
+
+
+@pytest.mark.parametrize("experiment", ["dann_resnet18_office31", "cdan_e_resnet50_office31"])
+def test_the_image_recipes_train_on_office31_files(image_root, tmp_path, experiment):
+    # The real-image recipes end to end (from random weights: no download), on tiny Office-31 folders.
+    root, _ = image_root
+    result = train(make_cfg(f"experiment={experiment}", f"data.root={root}", *SMALL, "backbone.pretrained=false",
+                            "trainer.batch_size=4", "trainer.max_steps=2", "trainer.eval_every=2",
+                            "trainer.ckpt_every=2", "trainer.eval_batch_size=16", "trainer.validation_samples=8",
+                            "trainer.progress=false", "trainer.analysis=false", "device=cpu"), tmp_path)
+    assert result["step"] == 2 and 0.0 <= result["target_acc"] <= 1.0
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
