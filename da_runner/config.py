@@ -56,6 +56,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {cfg.trainer.precision!r}")
     if not isinstance(cfg.trainer.get("channels_last", False), bool):
         raise UserError(f"trainer.channels_last must be true or false, got {cfg.trainer.channels_last!r}")
+    if not isinstance(cfg.trainer.get("compile", False), bool):
+        raise UserError(f"trainer.compile must be true or false, got {cfg.trainer.compile!r}")
     if not _is_int(cfg.trainer.validation_samples) or cfg.trainer.validation_samples < 2:
         raise UserError(f"trainer.validation_samples must be an integer >= 2, got {cfg.trainer.validation_samples!r}")
     for key, value in cfg.method.items():  # the loss weights and gradient scales of every method

@@ -100,6 +100,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     channels_last = bool(tcfg.get("channels_last", False)) and pair.is_image
     if channels_last:
         method.to(memory_format=torch.channels_last)
+    if tcfg.get("compile", False):
+        # Each network in place (nn.Module.compile), not wrapped: parameter names, and so checkpoints,
+        # stay those of the eager modules, and a compiled run resumes an eager one and the reverse.
+        for module in method.children():
+            module.compile()
     method.train()
     if method.uses_target_labels:
         log.warning("method=%s trains on TARGET LABELS: an upper bound for comparison, not domain adaptation",

@@ -127,6 +127,7 @@ def test_resume_keeps_the_saved_config(tmp_path):
     ("trainer.batch_size=100000", "trainer.batch_size=100000 is larger than"),
     ("trainer.precision=fp16", "trainer.precision must be one of fp32, bf16, got 'fp16'"),
     ("trainer.channels_last=yes", "trainer.channels_last must be true or false, got 'yes'"),
+    ("trainer.compile=1", "trainer.compile must be true or false, got 1"),
 ])
 def test_invalid_config_names_key_and_rule(tmp_path, override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -216,3 +217,27 @@ def test_channels_last_puts_conv_weights_and_batches_in_nhwc(tmp_path, monkeypat
     train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2", "trainer.channels_last=true"), tmp_path)
     assert layouts[0] == (True, True)  # the first convolution: NHWC weights and an NHWC batch
     assert all(weight_nhwc for weight_nhwc, _ in layouts)
+
+
+def test_compile_compiles_every_network_in_place_and_keeps_checkpoints_interchangeable(tmp_path, monkeypatch):
+    compiled = []
+    module_compile = torch.nn.Module.compile
+
+    def recording_compile(self, *args, **kwargs):
+        compiled.append(id(self))
+        return module_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
+    args = [*TINY_TOY, "method=dann", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3",
+            "device=cpu"]
+    result = train(make_cfg(*args, "trainer.compile=true"), tmp_path / "compiled")
+    assert len(compiled) == len(set(compiled)) >= 3  # backbone, label head, discriminator: each once
+    compiled_by_the_compiled_run = len(compiled)
+    eager = train(make_cfg(*args), tmp_path / "eager")
+    assert len(compiled) == compiled_by_the_compiled_run  # the default compiles nothing
+    # The same parameter names, so either run's checkpoint loads into the other kind of run.
+    compiled_state = load_ckpt(tmp_path / "compiled" / "checkpoints" / "last.pt")["method"]["modules"]
+    eager_state = load_ckpt(tmp_path / "eager" / "checkpoints" / "last.pt")["method"]["modules"]
+    assert compiled_state.keys() == eager_state.keys()
+    assert all(torch.allclose(compiled_state[k].float(), eager_state[k].float(), atol=1e-4) for k in eager_state)
+    assert result["step"] == eager["step"] == 6
