@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 import torchvision
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from da_runner.errors import UserError
@@ -459,8 +459,7 @@ def without_initial_weights(cfg):
     weights a checkpoint replaces at once (resume, da-eval): neither the network nor the pretrained or
     local weights file is needed then."""
     cfg = copy.deepcopy(cfg)
-    with open_dict(cfg.backbone):
-        for key, value in (("pretrained", False), ("weights", None)):
-            if key in cfg.backbone:
-                cfg.backbone[key] = value
+    for key, value in (("pretrained", False), ("weights", None)):
+        if key in cfg.backbone:  # digit backbones have neither key
+            cfg.backbone[key] = value
     return cfg
