@@ -13,7 +13,7 @@ from da_runner.validators import VALIDATORS
 # Keys a resumed run takes from the new command line instead of the checkpoint: they change where
 # and how the run is shown, never what it computes.
 RUNTIME_KEYS = ("resume", "device", "trainer.progress")
-PRECISIONS = ("fp32", "bf16")  # trainer.precision
+PRECISIONS = ("fp32", "bf16", "fp16")  # trainer.precision (trainer.AUTOCAST_DTYPES)
 
 
 def _get(cfg: DictConfig, key: str):

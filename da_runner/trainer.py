@@ -27,6 +27,9 @@ from da_runner.schedules import grl_lambda, lr_factor
 
 log = logging.getLogger(__name__)
 
+# trainer.precision (config.PRECISIONS) -> the dtype of the training step's autocast (None: no autocast)
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -88,7 +91,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     device = resolve_device(cfg.device)
     tcfg = cfg.trainer
     max_steps = int(tcfg.max_steps)
-    bf16 = tcfg.get("precision", "fp32") == "bf16"  # .get: runs saved before the key existed resume in fp32
+    # .get: runs saved before the key existed resume in fp32. Autocast covers the training step only.
+    autocast_dtype = AUTOCAST_DTYPES[tcfg.get("precision", "fp32")]
 
     seed_everything(int(cfg.seed))
     pair = build_pair(cfg.data).to(device)
@@ -97,6 +101,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             raise UserError(f"trainer.batch_size={tcfg.batch_size} is larger than the {len(getattr(pair, split))} "
                             f"samples of {split} in data={pair.name}")
     method = build_method(build_cfg, pair.input_shape, pair.num_classes).to(device)
+    if autocast_dtype == torch.float16:
+        # float16's narrow range underflows small gradients: the loss is scaled up before backward and
+        # the gradients scaled down before each step (Method.backward / step_optimizers).
+        method.grad_scaler = torch.amp.GradScaler(device.type)
     channels_last = bool(tcfg.get("channels_last", False)) and pair.is_image
     if channels_last:
         method.to(memory_format=torch.channels_last)
@@ -172,8 +180,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             x_s, x_t = x_s.contiguous(memory_format=torch.channels_last), x_t.contiguous(memory_format=torch.channels_last)
         # Target labels are dropped here for every UDA method; only an oracle may see them.
         batch = Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if method.uses_target_labels else None)
-        # trainer.precision=bf16: the step's forward passes in bfloat16 (Method.backward leaves autocast).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        # trainer.precision=bf16 | fp16: the step's forward passes in that dtype (Method.backward leaves autocast).
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             terms = method.step(batch, ctx)
         done = step + 1
         bar.update(1)

@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from da_runner.errors import UserError
-from da_runner.methods import METHODS
+from da_runner.methods import METHODS, build_method
 import da_runner.trainer as trainer_module
 from da_runner.trainer import train
 from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
@@ -125,7 +125,7 @@ def test_resume_keeps_the_saved_config(tmp_path):
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
     ("device=tpu", "device must be auto, cpu or cuda"),
     ("trainer.batch_size=100000", "trainer.batch_size=100000 is larger than"),
-    ("trainer.precision=fp16", "trainer.precision must be one of fp32, bf16, got 'fp16'"),
+    ("trainer.precision=fp8", "trainer.precision must be one of fp32, bf16, fp16, got 'fp8'"),
     ("trainer.channels_last=yes", "trainer.channels_last must be true or false, got 'yes'"),
     ("trainer.compile=1", "trainer.compile must be true or false, got 1"),
 ])
@@ -155,10 +155,13 @@ def test_checkpoint_of_another_format_version_is_named_as_such(tmp_path):
         checkpoint.load(path)
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 @pytest.mark.parametrize("method", ["dann", "mcd", "adda"])
-def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, monkeypatch, method):
-    """trainer.precision=bf16: the step's convolutions run in bfloat16 under autocast, the backward and
-    the optimizer leave the weights in float32, and evaluation runs in float32."""
+def test_mixed_precision_runs_the_forward_in_low_precision_and_keeps_float32_weights(tmp_path, monkeypatch, method,
+                                                                                     precision, dtype):
+    """trainer.precision=bf16 | fp16: the step's convolutions run in that dtype under autocast, the
+    backward and the optimizers (several per step for MCD and ADDA) leave the weights in float32, and
+    evaluation runs in float32. fp16 checkpoints its grad scaler."""
     seen, phase = [], ["setup"]
     conv_forward, evaluate, step = torch.nn.Conv2d.forward, trainer_module.evaluate, METHODS[method].step
 
@@ -181,12 +184,43 @@ def test_bf16_runs_the_forward_in_bfloat16_and_keeps_float32_weights(tmp_path, m
     monkeypatch.setattr(METHODS[method], "step", in_phase("step", step))
     run = tmp_path / method
     extra = ["method.pretrain_steps=2"] if method == "adda" else []
-    train(make_cfg(*TINY_DIGITS, f"method={method}", "trainer.max_steps=4", "trainer.precision=bf16", *extra), run)
-    assert {dtype for name, dtype in seen if name == "step"} == {torch.bfloat16}
-    assert {dtype for name, dtype in seen if name == "evaluate"} == {torch.float32}
-    state = load_ckpt(run / "checkpoints" / "last.pt")["method"]["modules"]
-    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float32}
+    train(make_cfg(*TINY_DIGITS, f"method={method}", "trainer.max_steps=4", f"trainer.precision={precision}", *extra), run)
+    assert {out_dtype for name, out_dtype in seen if name == "step"} == {dtype}
+    assert {out_dtype for name, out_dtype in seen if name == "evaluate"} == {torch.float32}
+    state = load_ckpt(run / "checkpoints" / "last.pt")["method"]
+    assert {t.dtype for t in state["modules"].values() if t.is_floating_point()} == {torch.float32}
+    assert bool(state["grad_scaler"]) == (precision == "fp16")  # the scaler's factor, only where there is one
     assert read_metrics(run)["step"] == 4  # trained and evaluated to the end
+
+
+def test_every_precision_has_an_autocast_dtype():
+    from da_runner.config import PRECISIONS
+
+    assert set(trainer_module.AUTOCAST_DTYPES) == set(PRECISIONS)
+
+
+def test_fp16_grad_scaler_skips_a_step_with_overflowing_gradients_and_resumes_its_factor():
+    """With fp16's scaler a backward whose scaled gradients overflow leaves the weights untouched and
+    halves the factor, and the factor travels through the checkpoint state; without the scaler (fp32,
+    bf16) the same step is taken."""
+    methods = {}
+    for name, scaler in (("fp32", torch.amp.GradScaler("cpu", enabled=False)), ("fp16", torch.amp.GradScaler("cpu"))):
+        method = build_method(make_cfg(*TINY_TOY, "method=source_only"), (2,), 2)
+        method.grad_scaler = scaler
+        before = [p.detach().clone() for p in method.parameters()]
+        # Finite in float32, but times the scaler's initial factor (2 ** 16) beyond float32's range.
+        loss = 1e35 * sum(p.sum() for p in method.parameters())
+        method.optimizer_step(method.optimizers["main"], loss)
+        changed = any(not torch.equal(b, p) for b, p in zip(before, method.parameters()))
+        methods[name] = (method, changed)
+    assert methods["fp32"][1] and not methods["fp16"][1]
+    fp16 = methods["fp16"][0]
+    assert fp16.grad_scaler.get_scale() == 2.0 ** 15
+
+    resumed = build_method(make_cfg(*TINY_TOY, "method=source_only"), (2,), 2)
+    resumed.grad_scaler = torch.amp.GradScaler("cpu")
+    resumed.load_checkpoint_state(fp16.checkpoint_state())
+    assert resumed.grad_scaler.get_scale() == 2.0 ** 15
 
 
 def test_fp32_is_the_default_precision(tmp_path, monkeypatch):

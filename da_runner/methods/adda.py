@@ -73,9 +73,7 @@ class ADDA(Method):
 
         # Target encoder: fool the discriminator with inverted labels (target -> 1).
         loss_target, _ = domain_loss_and_acc(self.discriminator(f_t), torch.ones(len(f_t), device=f_t.device))
-        self.optimizers["target"].zero_grad(set_to_none=True)
-        self.backward(loss_target)
-        self.optimizers["target"].step()
+        self.optimizer_step(self.optimizers["target"], loss_target)
         return {"loss": (loss_domain + loss_target).detach(), "loss_domain": loss_domain.detach(),
                 "loss_target": loss_target.detach(), "domain_acc": domain_acc.detach(), "stage": torch.tensor(2.0)}
 

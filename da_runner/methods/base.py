@@ -103,6 +103,8 @@ class Method(nn.Module):
         self.features = build_features(cfg.backbone, input_shape)  # G: backbone + bottleneck
         self.classifier = label_head(cfg.backbone, self.features.out_features, num_classes)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # trainer.precision=fp16 replaces it with an enabled one; disabled, it passes losses and steps through.
+        self.grad_scaler = torch.amp.GradScaler(enabled=False)
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:
         """Param groups of `modules` (default: the whole method) with `optim.lr_mult`'s multipliers."""
@@ -195,26 +197,38 @@ class Method(nn.Module):
         return total, terms
 
     def checkpoint_state(self) -> dict:
-        return {"modules": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+        return {"modules": self.state_dict(), "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "grad_scaler": self.grad_scaler.state_dict()}  # {} unless fp16
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.load_state_dict(state["modules"])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
+        if state.get("grad_scaler") and self.grad_scaler.is_enabled():
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
 
-    @staticmethod
-    def backward(loss: torch.Tensor) -> None:
-        """`loss.backward()` outside autocast. With `trainer.precision=bf16` the trainer runs `step`
-        under bfloat16 autocast; the backward pass must not: each op's gradient is computed in the
-        dtype its forward op used, as torch's autocast documentation prescribes."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()` outside autocast, through the grad scaler. Under `trainer.precision=bf16` or
+        `fp16` the trainer runs `step` under autocast; the backward pass must not: each op's gradient is
+        computed in the dtype its forward op used, as torch's autocast documentation prescribes. With
+        fp16 the loss is multiplied by the scaler's factor first, so that small gradients do not
+        underflow float16's range; `step_optimizers` divides it out again."""
         with torch.autocast(loss.device.type, enabled=False):
-            loss.backward()
+            self.grad_scaler.scale(loss).backward()
 
-    @classmethod
-    def optimizer_step(cls, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def step_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Step `optimizers` on the gradients of the last `backward`, then let the grad scaler adapt its
+        factor. Under fp16 a step whose gradients hold an inf or a NaN is skipped and the factor
+        halved; call this once per backward, with every optimizer that backward feeds."""
+        for optimizer in optimizers:
+            self.grad_scaler.step(optimizer)
+        self.grad_scaler.update()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """zero_grad, backward and step of one optimizer on `loss`."""
         optimizer.zero_grad(set_to_none=True)
-        cls.backward(loss)
-        optimizer.step()
+        self.backward(loss)
+        self.step_optimizers(optimizer)
 
 
 class LossTermMethod(Method):

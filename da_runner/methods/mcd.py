@@ -66,8 +66,7 @@ class MCD(Method):
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         self.backward(loss)
-        for name in names:
-            self.optimizers[name].step()
+        self.step_optimizers(*(self.optimizers[name] for name in names))
 
     def both(self, batch: Batch) -> torch.Tensor:
         return torch.cat([batch.x_s, batch.x_t])
