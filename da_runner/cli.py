@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from da_runner.config_tree import config_dir
 from da_runner.errors import UserError
 from da_runner.status import read_status, write_status
 
@@ -72,7 +73,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
     return metrics["selected_source_acc"]
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def run(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN

@@ -67,11 +67,12 @@ def format_report(name: str, report: dict) -> str:
 
 
 def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "auto", batch_size: int = 1024) -> dict:
-    from hydra import compose, initialize_config_module
+    from hydra import compose
     from hydra.errors import HydraException
 
     from da_runner import checkpoint
     from da_runner.config import resolve_device
+    from da_runner.config_tree import initialize_configs
     from da_runner.data import build_pair
     from da_runner.methods import build_method
     from da_runner.nn.backbones import without_initial_weights
@@ -81,7 +82,7 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
     if data_overrides:
         # Compose the data group as `da-run data=... data.root=...` would.
         try:
-            with initialize_config_module("da_runner.configs", version_base="1.3"):
+            with initialize_configs():
                 cfg.data = compose("config", overrides=data_overrides).data
         except HydraException as err:
             raise UserError(str(err).split("\nConfig search path")[0]) from err

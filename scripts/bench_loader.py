@@ -14,9 +14,10 @@ import argparse
 import time
 
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
 
 from da_runner.config import resolve_device, validate
+from da_runner.config_tree import initialize_configs
 from da_runner.data import build_pair
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.trainer import seed_everything
@@ -33,7 +34,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="measured batches (steps) per phase")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured batches first (workers starting, caches)")
     args = parser.parse_args()
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         cfg = compose("config", overrides=args.overrides)
     validate(cfg)
     device = resolve_device(cfg.device)

@@ -15,8 +15,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
+from hydra import compose
 
+from da_runner.config_tree import initialize_configs
 from da_runner.trainer import train
 
 SETTINGS = {
@@ -27,7 +28,7 @@ SETTINGS = {
 
 
 def steps_per_s(overrides: list[str], steps: int) -> float:
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         cfg = compose("config", overrides=[*overrides, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
                                            f"trainer.ckpt_every={steps}", "trainer.progress=false",
                                            "trainer.analysis=false"])

@@ -10,14 +10,15 @@ import sys
 import time
 
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
 
 from da_runner.config import resolve_device
+from da_runner.config_tree import initialize_configs
 from da_runner.methods import Batch, StepContext, build_method
 
 
 def main():
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         cfg = compose("config", overrides=sys.argv[1:])
     device = resolve_device(cfg.device)
     size, bs, classes = int(cfg.data.image_size), int(cfg.trainer.batch_size), 31

@@ -17,9 +17,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
+from hydra import compose
 
 from da_runner.config import resolve_device
+from da_runner.config_tree import initialize_configs
 from da_runner.data import BatchStream, build_pair
 from da_runner.methods import build_method
 from da_runner.methods.dann import domain_loss_and_acc
@@ -74,7 +75,7 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         cfg = compose("config", overrides=[*args.overrides, f"trainer.max_steps={args.steps}",
                                            f"trainer.eval_every={args.steps}", f"trainer.ckpt_every={args.steps}"])
     print(f"method={cfg.method.name} data={cfg.data.name} backbone={cfg.backbone.name} "

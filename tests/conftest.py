@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
+
+from da_runner.config_tree import initialize_configs
 
 # Small but real: the embedded pair shrunk so every test trains in seconds on 2 CPU cores.
 TINY_DIGITS = [
@@ -20,7 +22,7 @@ TINY_TOY = ["data=toy2d", "backbone=mlp", "data.samples_per_domain=200", "traine
 
 def make_cfg(*overrides):
     """The config `da-run <overrides>` would compose."""
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         return compose("config", overrides=list(overrides))
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision.datasets
 
+from da_runner.config_tree import config_dir
 from da_runner.data import digits
 from da_runner.data.digits import MissingDataError, load_split, to_format
 from da_runner.data.mnistm_builder import build_mnistm
@@ -188,7 +189,7 @@ def test_adda_protocol_sizes():
     assert (cfg.data.source, cfg.data.target, cfg.data.source_subset, cfg.data.target_subset) == ("usps", "mnist", 1800, 2000)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(digits.__file__).parents[1] / "configs" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
 def test_experiments_compose(experiment):
     cfg = make_cfg(f"experiment={experiment}")
     if experiment.startswith("digits_"):  # the digits table's columns: any method, DANN by default

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from da_runner.config_tree import config_dir
 from da_runner.errors import UserError
 from da_runner.methods import METHODS, Batch, StepContext, build_method
 from da_runner.methods.dann import DANN
@@ -405,9 +406,7 @@ def test_negative_or_non_numeric_weights_are_refused(tmp_path, override):
 def test_every_method_has_a_config_and_a_docs_section():
     from pathlib import Path
 
-    import da_runner
-
-    configs = Path(da_runner.__file__).parent / "configs" / "method"
+    configs = config_dir() / "method"
     docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
     for name in METHODS:
         assert (configs / f"{name}.yaml").is_file(), name

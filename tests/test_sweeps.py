@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
+from hydra import compose
 
+from da_runner.config_tree import initialize_configs
 from da_runner.errors import UserError
 from da_runner.methods import METHODS
 from da_runner.methods.dann import DANN
@@ -129,7 +130,7 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path, monkeypatch):
 
 
 def hydra_compose(*overrides):
-    with initialize_config_module("da_runner.configs", version_base="1.3"):
+    with initialize_configs():
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
