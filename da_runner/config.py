@@ -3,8 +3,9 @@
 import numbers
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from da_runner.data.classes import SETTINGS
 from da_runner.errors import UserError
 from da_runner.nn.backbones import TORCHVISION_RESNETS, check_timm_model, local_weights_file, torchvision_weights
 from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
@@ -122,10 +123,22 @@ def validate_backbone(backbone: DictConfig) -> None:
 
 
 def _validate_data(data: DictConfig) -> None:
-    """The keys that data configs share (the builders check their dataset names)."""
+    """The keys that data configs share (the builders check their dataset names, and
+    data/classes.py that the classes named exist)."""
     fraction = data.get("source_val_fraction")
     if fraction is not None and (not _is_number(fraction) or not 0 < fraction < 1):
         raise UserError(f"data.source_val_fraction must be a number in (0, 1), got {fraction!r}")
+    for key, forms in (("source_classes", (ListConfig,)), ("target_classes", (ListConfig, DictConfig))):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, forms) or len(value) == 0):
+            shape = "a non-empty list of classes" + (" or a map {target class: source class}" if len(forms) > 1 else "")
+            raise UserError(f"data.{key} must be null or {shape}, got {value!r}")
+    setting = data.get("setting")
+    if setting is not None and setting not in SETTINGS:
+        raise UserError(f"data.setting must be null (inferred) or one of {', '.join(SETTINGS)}, got {setting!r}")
+    threshold = data.get("unknown_threshold", 0.5)
+    if not _is_number(threshold) or not 0 < threshold <= 1:
+        raise UserError(f"data.unknown_threshold must be a number in (0, 1], got {threshold!r}")
     if "image_size" not in data:  # the file-backed image pairs have the keys below
         return
     for key in ("image_size", "resize"):

@@ -1,7 +1,7 @@
 """Evaluation: accuracies on the labelled splits and the label-free validators.
 
-Target *labels* are used here only to report accuracy (`target_acc`) and the oracle; every
-validator sees target inputs only.
+Target *labels* are used here only to report the target metrics (`target_acc` and those of the
+pair's setting, da_runner/tasks.py) and the oracle; every validator sees target inputs only.
 """
 
 from dataclasses import dataclass
@@ -58,15 +58,16 @@ class ValidationData:
         return cls(pair, pair.target_train.sample(sample_size, seed), pair.source_train.sample(sample_size, seed + 1))
 
 
-def evaluate(method, data: ValidationData, validators=("source_acc",), batch_size: int = 1024) -> dict[str, float]:
-    """One evaluation record: `source_acc`, `target_acc`, `<domain>_acc_<head>` for further heads,
-    and the value of each validator in `validators`."""
+def evaluate(method, data: ValidationData, task, validators=("source_acc",), batch_size: int = 1024) -> dict[str, float]:
+    """One evaluation record: `source_acc`, the target metrics of `task` (`target_acc`, ...),
+    `<domain>_acc_<head>` for further heads, and the value of each validator in `validators`."""
     source_val = outputs(method, data.pair.source_val, batch_size)
     target_test = outputs(method, data.pair.target_test, batch_size)
-    record = {"source_acc": source_val.accuracy(), "target_acc": target_test.accuracy()}
+    # The source validation split holds the source's classes only: plain accuracy in every setting.
+    record = {"source_acc": source_val.accuracy(), **task.target_metrics(target_test.logits, target_test.labels)}
     for head in source_val.heads:
         record[f"source_acc_{head}"] = source_val.accuracy(head)
-        record[f"target_acc_{head}"] = target_test.accuracy(head)
+        record[f"target_acc_{head}"] = task.target_accuracy(target_test.heads[head], target_test.labels)
     needs_target = [name for name in validators if name != "source_acc"]
     if needs_target:
         target = outputs(method, data.target_sample, batch_size)

@@ -24,6 +24,7 @@ from da_runner.logging import RunLogger
 from da_runner.methods import Batch, StepContext, build_method
 from da_runner.nn.backbones import without_initial_weights
 from da_runner.schedules import grl_lambda, lr_factor
+from da_runner.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,15 @@ def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path) -> DictConfi
     return saved
 
 
-def update_picks(picks: dict, record: dict, names) -> list[str]:
+def update_picks(picks: dict, record: dict, names, target_metrics=("target_acc",)) -> list[str]:
     """Make `record` (one evaluation) the pick of every validator in `names` whose score it matches
-    or improves (>=: among equal scores the later, more adapted checkpoint); returns their names."""
+    or improves (>=: among equal scores the later, more adapted checkpoint); returns their names.
+    A pick keeps the record's `target_metrics` (those of the pair's setting)."""
     improved = []
     for name in names:
         if name not in picks or V.score(name, record[name]) >= V.score(name, picks[name]["value"]):
             picks[name] = {"step": record["step"], "value": record[name], "source_acc": record["source_acc"],
-                           "target_acc": record["target_acc"]}
+                           **{key: record[key] for key in target_metrics}}
             improved.append(name)
     return improved
 
@@ -100,7 +102,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         if tcfg.batch_size > len(getattr(pair, split)):
             raise UserError(f"trainer.batch_size={tcfg.batch_size} is larger than the {len(getattr(pair, split))} "
                             f"samples of {split} in data={pair.name}")
+    # What depends on the pair's setting (closed, partial, open-set): the prediction rule, the target
+    # metrics, the validators that apply. The loop below only hands the task what it needs.
+    task = build_task(pair, cfg.data)
     method = build_method(build_cfg, pair.input_shape, pair.num_classes).to(device)
+    task.check_method(method)
     if autocast_dtype == torch.float16:
         # float16's narrow range underflows small gradients: the loss is scaled up before backward and
         # the gradients scaled down before each step (Method.backward / step_optimizers).
@@ -126,7 +132,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     # Label-free model selection: every validator in trainer.validators is computed at each evaluation
     # and remembers the evaluation it would choose; best.pt is the choice of trainer.select. Target
     # labels only report accuracy, and the oracle (best target accuracy) is recorded as such.
-    select, validator_names = str(tcfg.select), list(tcfg.validators)
+    select = str(tcfg.select)
+    validator_names = task.validators(list(tcfg.validators), select)
     validation_data = ValidationData.of(pair, int(tcfg.validation_samples), seed=int(cfg.data.get("seed", 0)))
     start_step, picks, oracle, last_eval, train_time = 0, {}, None, None, 0.0
     if resumed is not None:
@@ -211,10 +218,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         if eval_now or ckpt_now:
             pause = time.perf_counter()
             if eval_now:
-                last_eval = {"step": done, **evaluate(method, validation_data, validator_names,
+                last_eval = {"step": done, **evaluate(method, validation_data, task, validator_names,
                                                       int(tcfg.eval_batch_size))}
                 logger.evaluation(last_eval)
-                if select in update_picks(picks, last_eval, validator_names):
+                if select in update_picks(picks, last_eval, validator_names, task.metric_names):
                     checkpoint.save(state_at(done), best_path)
                 if oracle is None or last_eval["target_acc"] > oracle["target_acc"]:
                     oracle = {"step": done, "target_acc": last_eval["target_acc"]}
@@ -237,11 +244,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "method": cfg.method.name,
         "data": pair.name,
         "uses_target_labels": method.uses_target_labels,  # true: an oracle, not a UDA result
-        **last_eval,  # source_acc, target_acc (+ per-head accuracies)
+        "setting": task.setting,  # closed | partial | open_set: which target metrics follow
+        "target_metrics": list(task.metric_names),
+        **last_eval,  # source_acc, target_acc and the setting's target metrics (+ per-head accuracies)
         "selected_by": select,
         "selected_step": picks[select]["step"],
         "selected_source_acc": picks[select]["source_acc"],
-        "selected_target_acc": picks[select]["target_acc"],
+        # selected_target_acc and the setting's other target metrics at the checkpoint chosen by `select`
+        # (.get: a run resumed from a checkpoint older than a metric has none for picks made before)
+        **{f"selected_{key}": picks[select].get(key) for key in task.metric_names},
         # For each validator: the evaluation it would choose and that checkpoint's target accuracy.
         "validators": picks,
         # The best target accuracy over all evaluations: chosen WITH target labels, for reference only.
@@ -252,7 +263,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "wall_time_s": round(time.perf_counter() - start_time, 3),
     }
     _write_json(run_dir / "metrics.json", metrics)
-    logger.hparams(cfg, {k: metrics[k] for k in ("target_acc", "source_acc", "selected_target_acc", "step")})
+    hparam_keys = ("source_acc", "step", *task.metric_names, *(f"selected_{key}" for key in task.metric_names))
+    logger.hparams(cfg, {k: metrics[k] for k in hparam_keys if metrics[k] is not None})
     logger.close()
     log.info("done: target_acc %.4f, source_acc %.4f, selected (by %s, step %d) target_acc %.4f -> %s",
              metrics["target_acc"], metrics["source_acc"], select, metrics["selected_step"],

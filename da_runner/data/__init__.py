@@ -1,9 +1,11 @@
 """Datasets and domain pairs. `build_pair(cfg.data)` calls the builder named by `data._target_`
 (a function taking the `data` config node and returning a DomainPair), so a new pair is a new
-config file, and a new kind of data one function."""
+config file, and a new kind of data one function. The class subsets of `data.source_classes` /
+`data.target_classes` apply to every pair here, after its builder (da_runner/data/classes.py)."""
 
 from hydra.utils import get_method
 
+from da_runner.data.classes import LabelSpace, select_classes
 from da_runner.data.domain import Domain, DomainPair
 from da_runner.data.memory import BatchStream, InMemoryDomain
 from da_runner.errors import UserError
@@ -17,7 +19,7 @@ def build_pair(cfg) -> DomainPair:
         builder = get_method(target)
     except Exception as err:
         raise UserError(f"data._target_={target} cannot be imported ({err})") from err
-    return builder(cfg)
+    return select_classes(builder(cfg), cfg)
 
 
-__all__ = ["BatchStream", "Domain", "DomainPair", "InMemoryDomain", "build_pair"]
+__all__ = ["BatchStream", "Domain", "DomainPair", "InMemoryDomain", "LabelSpace", "build_pair"]

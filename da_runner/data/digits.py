@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from da_runner.data.classes import ClassSelection, default_class_names
 from da_runner.errors import MissingDataError, UserError, missing_data_message
 
 MNISTM_HINT = ("MNIST-M has no working official download link: put the release tarball mnist_m.tar.gz there, "
@@ -117,6 +118,7 @@ DATASETS = {
     "mnistm": (_mnistm_files, _load_mnistm),
 }
 DOWNLOADABLE = ("mnist", "usps", "svhn")
+DIGIT_CLASSES = default_class_names(10)  # every digit dataset's labels are the digits 0-9
 
 
 def default_cache_dir() -> Path:
@@ -238,9 +240,20 @@ def build_digit_pair(cfg):
     if missing:
         raise MissingDataError(missing_message(Path(cfg.root).expanduser(), missing))
 
+    # Class subsets (data.source_classes / target_classes) are applied to every pair by build_pair;
+    # dropping the other classes' samples already here makes data.source_subset / target_subset
+    # count samples of the kept classes.
+    selection = ClassSelection.from_config(cfg, DIGIT_CLASSES)
+
+    def kept_classes(split: Split, domain: str) -> Split:
+        if selection is None:
+            return split
+        index, _ = selection.keep(split.y, domain)
+        return Split(split.x[index], split.y[index])
+
     rng = np.random.default_rng(int(cfg.seed))
-    source = _subset(load(cfg.source, True), cfg.source_subset, rng)
-    target_train = _subset(load(cfg.target, True), cfg.target_subset, rng)
+    source = _subset(kept_classes(load(cfg.source, True), "source"), cfg.source_subset, rng)
+    target_train = _subset(kept_classes(load(cfg.target, True), "target"), cfg.target_subset, rng)
     target_test = load(cfg.target, False)
     source_train, source_val = split_source(source.x, source.y, float(cfg.source_val_fraction))
     return DomainPair(

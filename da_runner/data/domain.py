@@ -7,10 +7,12 @@ and each hands out its own batch stream (`domain.stream(...)`), so no code outsi
 asks which kind it has.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Protocol
 
 import torch
+
+from da_runner.data.classes import LabelSpace, default_class_names
 
 
 class Domain(Protocol):
@@ -31,6 +33,9 @@ class Domain(Protocol):
 
     def sample(self, size: int, seed: int = 0) -> "Domain":
         """A fixed random subset of at most `size` samples (the same for a given seed)."""
+
+    def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "Domain":
+        """The samples at `index` (N',), with new `labels` (N',) when given (class subsets relabel)."""
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential (inputs, labels) batches over the whole split, without augmentation (evaluation)."""
@@ -55,14 +60,24 @@ class BatchSource(Protocol):
 
 @dataclass
 class DomainPair:
-    """The four splits of a UDA task. Target training data is used without its labels."""
+    """The four splits of a UDA task. Target training data is used without its labels.
+
+    `label_space` says what the labels mean: the setting (closed, partial, open_set), the source's
+    class names and the target's known classes (da_runner/data/classes.py); a builder that knows
+    its class names passes a closed one, else they are "0" .. "K-1".
+    """
 
     name: str
     source_train: Domain
     source_val: Domain  # held-out labelled source data, for label-free model selection
     target_train: Domain
     target_test: Domain
-    num_classes: int
+    num_classes: int  # the classifier's outputs: the source's classes
+    label_space: LabelSpace | None = None
+
+    def __post_init__(self):
+        if self.label_space is None:
+            self.label_space = LabelSpace.closed(default_class_names(self.num_classes))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -73,10 +88,8 @@ class DomainPair:
         return self.source_train.is_image
 
     def to(self, device) -> "DomainPair":
-        return DomainPair(
-            self.name, self.source_train.to(device), self.source_val.to(device),
-            self.target_train.to(device), self.target_test.to(device), self.num_classes,
-        )
+        return replace(self, source_train=self.source_train.to(device), source_val=self.source_val.to(device),
+                       target_train=self.target_train.to(device), target_test=self.target_test.to(device))
 
 
 class EpochOrder:

@@ -132,8 +132,11 @@ class ImageFileDomain:
     def sample(self, size: int, seed: int = 0) -> "ImageFileDomain":
         if size >= len(self):
             return self
-        index = sample_index(len(self), size, seed)
-        return replace(self, files=self.files[index.numpy()], y=self.y[index])
+        return self.subset(sample_index(len(self), size, seed))
+
+    def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "ImageFileDomain":
+        index = index.cpu()
+        return replace(self, files=self.files[index.numpy()], y=self.y[index] if labels is None else labels.cpu())
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 batch from the loader -> normalised float on the device (the copy overlaps

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from da_runner.data.classes import LabelSpace
 from da_runner.data.domain import DomainPair, validation_size
 from da_runner.data.files import ImageFileDomain, default_num_workers
 from da_runner.errors import MissingDataError, UserError, missing_data_message
@@ -116,21 +117,22 @@ def _domain(cfg, samples: Samples) -> ImageFileDomain:
                            pin_memory=bool(cfg.pin_memory))
 
 
-def _pair(cfg, source: Samples, target_train: Samples, target_test: Samples, num_classes: int) -> DomainPair:
+def _pair(cfg, source: Samples, target_train: Samples, target_test: Samples, num_classes: int,
+          class_names: list[str] | None = None) -> DomainPair:
     """The labelled source shuffled with data.seed, data.source_val_fraction of it held out."""
     order = np.random.default_rng(int(cfg.seed)).permutation(len(source))
     source = [source[i] for i in order]
     n_val = validation_size(len(source), float(cfg.source_val_fraction))
     return DomainPair(name=cfg.name, source_train=_domain(cfg, source[n_val:]), source_val=_domain(cfg, source[:n_val]),
                       target_train=_domain(cfg, target_train), target_test=_domain(cfg, target_test),
-                      num_classes=num_classes)
+                      num_classes=num_classes, label_space=LabelSpace.closed(class_names) if class_names else None)
 
 
 def _folder_pair(cfg, source_dir: Path, target_dir: Path) -> DomainPair:
     """Two folders of class folders; the whole target is both its training data and its test set."""
     classes = _class_names(source_dir, target_dir)
     target = _folder_samples(target_dir, classes)
-    return _pair(cfg, _folder_samples(source_dir, classes), target, target, len(classes))
+    return _pair(cfg, _folder_samples(source_dir, classes), target, target, len(classes), classes)
 
 
 def build_office31(cfg) -> DomainPair:

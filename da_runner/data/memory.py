@@ -51,8 +51,12 @@ class InMemoryDomain:
         """A fixed random subset of at most `size` samples (the same for a given seed)."""
         if size >= len(self):
             return self
-        index = sample_index(len(self), size, seed).to(self.x.device)
-        return InMemoryDomain(self.x[index], self.y[index], self.mean, self.std)
+        return self.subset(sample_index(len(self), size, seed))
+
+    def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "InMemoryDomain":
+        index = index.to(self.x.device)
+        y = self.y[index] if labels is None else labels.to(self.y.device)
+        return InMemoryDomain(self.x[index], y, self.mean, self.std)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Raw stored inputs -> the float tensor the network sees."""

@@ -1,0 +1,145 @@
+"""What depends on a pair's setting, in one place: how predictions are read from a classifier's
+logits, which target metrics each evaluation reports, and which label-free validators apply.
+
+The trainer, evaluation and `da-eval` ask the task of the pair (`build_task(pair, cfg.data)`) and
+never the setting itself, so a new kind of task (semantic segmentation: mIoU) is one more class here.
+
+    closed, partial  target_acc (accuracy), target_mean_class_acc (mean over the target's classes of
+                     the per-class accuracy; in a partial pair the classes the target lacks do not count)
+    open_set         the classifier knows the source's K classes; a target sample whose largest softmax
+                     probability is below `data.unknown_threshold` is predicted `unknown` (label K).
+                     target_os (mean per-class accuracy over the target's known classes and unknown),
+                     target_os_star (over the known classes only), target_unk (accuracy on unknown),
+                     target_h_score (2 OS* UNK / (OS* + UNK)), target_acc (accuracy over all target
+                     samples, unknown counting as one class)
+
+Validators by setting (every one reads target inputs only):
+    closed    source_acc, entropy, im, snd, dev
+    partial   source_acc, entropy, snd, dev: not im, whose diversity term rewards spreading the
+              target's predictions over every source class, the ones the target lacks included
+    open_set  source_acc, entropy, snd, dev (on the K known-class outputs): not im, which likewise
+              rewards spreading the unknown samples over the known classes
+"""
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from da_runner.data.classes import UNKNOWN, LabelSpace
+from da_runner.errors import UserError
+from da_runner.validators import VALIDATORS
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION_VALIDATORS = {
+    "closed": VALIDATORS,
+    "partial": tuple(v for v in VALIDATORS if v != "im"),
+    "open_set": tuple(v for v in VALIDATORS if v != "im"),
+}
+
+
+def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of correct predictions. (N,), (N,) -> float."""
+    return (predicted == labels).sum().item() / len(labels)
+
+
+def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Recall of each class that occurs in `labels`: {class: correct / samples of the class}."""
+    return {int(c): (predicted[labels == c] == c).float().mean().item() for c in labels.unique()}
+
+
+def mean_of(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def h_score(os_star: float, unk: float) -> float:
+    """Harmonic mean of the known-class and the unknown accuracy: high only when both are."""
+    return 2 * os_star * unk / (os_star + unk) if os_star + unk > 0 else 0.0
+
+
+def open_set_metrics(predicted: torch.Tensor, labels: torch.Tensor, unknown: int) -> dict[str, float]:
+    """OS, OS*, UNK and the H-score of predictions (N,) against labels (N,) where `unknown` is the
+    label of every class outside the source's."""
+    recall = per_class_accuracy(predicted, labels)
+    unk = recall.get(unknown, float("nan"))
+    os_star = mean_of(value for c, value in recall.items() if c != unknown)
+    return {"target_os": mean_of(recall.values()), "target_os_star": os_star, "target_unk": unk,
+            "target_h_score": h_score(os_star, unk)}
+
+
+class ClassificationTask:
+    """Closed and partial pairs: the classifier's argmax over the source's classes."""
+
+    def __init__(self, label_space: LabelSpace):
+        self.label_space = label_space
+        self.setting = label_space.setting
+        # the keys each evaluation adds for the target test split; target_acc first (it names the oracle)
+        self.metric_names: tuple[str, ...] = ("target_acc", "target_mean_class_acc")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The name of each label that evaluation may see (predictions and target labels)."""
+        return self.label_space.class_names
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits -> (N,) predicted labels."""
+        return logits.argmax(1)
+
+    def target_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        predicted = self.predict(logits)
+        return {"target_acc": accuracy(predicted, labels),
+                "target_mean_class_acc": mean_of(per_class_accuracy(predicted, labels).values())}
+
+    def target_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Accuracy of one further head (MCD's classifiers) under the same prediction rule."""
+        return accuracy(self.predict(logits), labels)
+
+    def validators(self, names, select: str) -> list[str]:
+        """The validators of `names` that apply to this setting; the one choosing best.pt must."""
+        valid = CLASSIFICATION_VALIDATORS[self.setting]
+        if select not in valid:
+            raise UserError(f"trainer.select={select} does not apply to {self.setting} pairs; "
+                            f"choose one of {', '.join(valid)} (docs/settings.md)")
+        skipped = [name for name in names if name not in valid]
+        if skipped:
+            log.info("validators %s do not apply to %s pairs: not computed", ", ".join(skipped), self.setting)
+        return [name for name in names if name in valid]
+
+    def check_method(self, method) -> None:
+        """Refuse a method the setting cannot train."""
+
+
+class OpenSetTask(ClassificationTask):
+    """Open-set pairs: a closed-set classifier says `unknown` when it is not confident enough."""
+
+    def __init__(self, label_space: LabelSpace, unknown_threshold: float):
+        super().__init__(label_space)
+        self.unknown_threshold = unknown_threshold
+        self.metric_names = ("target_acc", "target_os", "target_os_star", "target_unk", "target_h_score")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return (*self.label_space.class_names, UNKNOWN)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        confidence, predicted = F.softmax(logits.float(), dim=1).max(1)
+        return torch.where(confidence < self.unknown_threshold, self.label_space.unknown_label, predicted)
+
+    def target_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        predicted = self.predict(logits)
+        return {"target_acc": accuracy(predicted, labels),
+                **open_set_metrics(predicted, labels, self.label_space.unknown_label)}
+
+    def check_method(self, method) -> None:
+        if method.uses_target_labels:
+            raise UserError(f"method={method.cfg.method.name} trains on target labels, which an open-set pair gives "
+                            f"only for evaluation (its unknown classes have no source label)")
+
+
+def build_task(pair, data) -> ClassificationTask:
+    """The task of a pair: its label space's setting, with `data.unknown_threshold` for open-set pairs."""
+    if pair.label_space.setting == "open_set":
+        return OpenSetTask(pair.label_space, float(data.get("unknown_threshold", 0.5)))
+    return ClassificationTask(pair.label_space)
