@@ -2,8 +2,9 @@
 
 Evaluates a checkpoint on the held-out source split and the target test split of the pair it was
 trained on (or of another pair, `data=...`): accuracy, per-class accuracy and the confusion matrix
-(rows: true class, columns: predicted) of each, printed and written as JSON (default: next to the
-checkpoint, `<run dir>/eval_<checkpoint>_<pair>.json`).
+(rows: true class, columns: predicted) of each, and the target metrics of the pair's setting
+(docs/settings.md; an open-set pair's `unknown` is the last class), printed and written as JSON
+(default: next to the checkpoint, `<run dir>/eval_<checkpoint>_<pair>.json`).
 
     da-eval ckpt=outputs/2026-11-23/10-00-00_dann_embedded_digits/checkpoints/best.pt
     da-eval ckpt=.../best.pt data=mnist_mnistm data.root=/data
@@ -44,21 +45,34 @@ def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes:
     return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
-def domain_report(method, domain, num_classes: int, batch_size: int) -> dict:
+def domain_report(method, domain, task, batch_size: int, target: bool = False) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix of one split. On the target, predictions
+    follow the pair's task (an open-set pair's `unknown` is one more row and column) and the report
+    adds the setting's target metrics."""
     from da_runner.evaluation import outputs
+    from da_runner.tasks import accuracy
 
     out = outputs(method, domain, batch_size)
-    matrix = confusion_matrix(out.logits.argmax(1).cpu(), out.labels.cpu(), num_classes)
+    # The source holds only the source's classes: its predictions are the classifier's argmax.
+    predicted = task.predict(out.logits) if target else out.logits.argmax(1)
+    class_names = task.class_names if target else task.label_space.class_names
+    matrix = confusion_matrix(predicted.cpu(), out.labels.cpu(), len(class_names))
     per_class = matrix.diag().double() / matrix.sum(1).clamp_min(1).double()
-    return {"samples": len(domain), "accuracy": out.accuracy(),
-            "per_class_accuracy": [round(v, 6) for v in per_class.tolist()],
-            "confusion_matrix": matrix.tolist()}
+    report = {"samples": len(domain), "accuracy": accuracy(predicted, out.labels),
+              "class_names": list(class_names),
+              "per_class_accuracy": [round(v, 6) for v in per_class.tolist()],
+              "confusion_matrix": matrix.tolist()}
+    if target:
+        report["metrics"] = task.target_metrics(out.logits, out.labels)
+    return report
 
 
 def format_report(name: str, report: dict) -> str:
     matrix = report["confusion_matrix"]
     width = max(5, len(str(max(max(row) for row in matrix))) + 1)
     lines = [f"{name}: accuracy {report['accuracy']:.4f} on {report['samples']} samples",
+             *(["  " + "  ".join(f"{key}: {value:.4f}" for key, value in report["metrics"].items())]
+               if "metrics" in report else []),
              "  per-class accuracy: " + "  ".join(f"{c}:{a:.3f}" for c, a in enumerate(report["per_class_accuracy"])),
              "  confusion matrix (rows: true class, columns: predicted)",
              "  " + " " * 4 + "".join(f"{c:>{width}}" for c in range(len(matrix)))]
@@ -76,6 +90,7 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
     from da_runner.data import build_pair
     from da_runner.methods import build_method
     from da_runner.nn.backbones import without_initial_weights
+    from da_runner.tasks import build_task
 
     state = checkpoint.load(ckpt)
     cfg = OmegaConf.create(state["config"])
@@ -95,10 +110,12 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
         raise UserError(f"the checkpoint's model does not fit data={pair.name} (inputs {pair.input_shape}, "
                         f"{pair.num_classes} classes): {str(err).splitlines()[0]}") from err
     method.to(resolve_device(device))
+    task = build_task(pair, cfg.data)
     return {
         "checkpoint": str(ckpt), "step": state["step"], "method": cfg.method.name, "data": pair.name,
-        "source_val": domain_report(method, pair.source_val, pair.num_classes, batch_size),
-        "target_test": domain_report(method, pair.target_test, pair.num_classes, batch_size),
+        "setting": task.setting,
+        "source_val": domain_report(method, pair.source_val, task, batch_size),
+        "target_test": domain_report(method, pair.target_test, task, batch_size, target=True),
     }
 
 

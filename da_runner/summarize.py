@@ -5,7 +5,10 @@ trained (`trainer.progress`, `trainer.analysis`, `sweep=...`). Each row counts t
 the incomplete ones (still running, killed, or never started past Hydra's setup), and reports final
 target accuracy and the target accuracy of the checkpoint chosen without target labels (mean ± std
 over the completed seeds), the step budget and minutes per run. Works on a sweep that is still
-running or partly failed. Prints the table and writes `summary.md` and `summary.csv` into the folder.
+running or partly failed. Runs of partial or open-set pairs (or any that report more target metrics
+than accuracy: `target_metrics` in metrics.json) add a final and a selected column per metric: mean
+per-class accuracy; OS, OS*, UNK, H-score. Prints the table and writes `summary.md` and `summary.csv`
+into the folder.
 """
 
 import argparse
@@ -78,7 +81,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def setting_metrics(groups: list[Group]) -> list[str]:
+    """The target metrics the runs report beside target_acc (their setting's: mean per-class accuracy;
+    OS, OS*, UNK, H-score), in the order the runs list them."""
+    names = (key for g in groups for m in g.metrics for key in m.get("target_metrics", ()))
+    return [key for key in dict.fromkeys(names) if key != "target_acc"]
+
+
 def rows(groups: list[Group]) -> list[dict]:
+    extra = setting_metrics(groups)
     table = []
     for g in groups:
         final = _mean_std([m["target_acc"] for m in g.metrics])
@@ -97,6 +108,10 @@ def rows(groups: list[Group]) -> list[dict]:
             "selected_by": ",".join(sorted({m["selected_by"] for m in g.metrics})),
             "minutes_per_run": statistics.median(minutes) if minutes else math.nan,
         })
+        for key in extra:  # runs of another setting do not report the metric: left out of its mean
+            for prefix in ("", "selected_"):
+                mean, std = _mean_std([m[prefix + key] for m in g.metrics if m.get(prefix + key) is not None])
+                table[-1].update({f"{prefix}{key}_mean": mean, f"{prefix}{key}_std": std})
     return table
 
 
@@ -104,16 +119,20 @@ def _pm(mean: float, std: float) -> str:
     return "-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
 
 
-def markdown(table: list[dict]) -> str:
+def markdown(table: list[dict], extra: list[str] = ()) -> str:
+    """The table; `extra`: the setting metrics (setting_metrics) as final and selected columns."""
+    extra_header = "".join(f" | {key} (final) | {key} (selected)" for key in extra)
     lines = ["| configuration | n | failed | incomplete | seeds | steps | target acc (final) "
-             "| target acc (selected, no target labels) | selected by | minutes/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| target acc (selected, no target labels) | selected by | minutes/run" + extra_header + " |",
+             "| --- " * (10 + 2 * len(extra)) + "|"]
     for r in table:
         minutes = "-" if math.isnan(r["minutes_per_run"]) else f"{r['minutes_per_run']:.1f}"
+        extra_cells = "".join(f" | {_pm(r[f'{prefix}{key}_mean'], r[f'{prefix}{key}_std'])}"
+                              for key in extra for prefix in ("", "selected_"))
         lines.append(f"| {r['configuration']} | {r['n']} | {r['failed']} | {r['incomplete']} | {r['seeds'] or '-'} "
                      f"| {r['steps'] or '-'} | {_pm(r['target_acc_mean'], r['target_acc_std'])} "
                      f"| {_pm(r['selected_target_acc_mean'], r['selected_target_acc_std'])} "
-                     f"| {r['selected_by'] or '-'} | {minutes} |")
+                     f"| {r['selected_by'] or '-'} | {minutes}{extra_cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     table = rows(groups)
-    text = markdown(table)
+    text = markdown(table, setting_metrics(groups))
     if len({m.get("method") for g in groups for m in g.metrics}) > 1:
         text += "\nBy method and pair (mean ± std (seeds); selected: without target labels):\n\n" + method_by_pair(groups)
     print(text, end="")
