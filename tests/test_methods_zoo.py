@@ -207,8 +207,8 @@ def assert_parameters(method, expected):
         [f_s, torch.softmax(l_s, 1)], [f_t, torch.softmax(l_t, 1)], [[0.125, 0.25, 0.5, 1.0, 2.0], 0.92])),
     ("deepcoral", "loss_coral", lambda f_s, f_t, l_s, l_t: coral_loss(f_s, f_t)),
     ("mcc", "loss_mcc", lambda f_s, f_t, l_s, l_t: mcc_loss(l_t, 2.5)),
-    # AFN: one stepwise term per domain, summed (delta_r 0.1: configs/method/afn.yaml)
-    ("afn", "loss_afn", lambda f_s, f_t, l_s, l_t: afn_loss(f_s, 0.1) + afn_loss(f_t, 0.1)),
+    # AFN: one stepwise term per domain, summed (delta_r 1.0: configs/method/afn.yaml)
+    ("afn", "loss_afn", lambda f_s, f_t, l_s, l_t: afn_loss(f_s, 1.0) + afn_loss(f_t, 1.0)),
     ("minent", "loss_entropy", lambda f_s, f_t, l_s, l_t: entropy_loss(l_t)),
     ("bnm", "loss_bnm", lambda f_s, f_t, l_s, l_t: bnm_loss(l_t)),
 ])
