@@ -116,3 +116,25 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     assert changed == list(before)  # every parameter moved
     logits = method.predict(pair.target_test.batch(torch.arange(5))[0])
     assert logits.shape == (5, pair.num_classes)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_method_trains_under_mixed_precision(name, dtype):
+    """Every method's step under autocast (trainer.precision=bf16 | fp16; fp16 with the trainer's grad
+    scaler): finite terms, every parameter moved, weights still float32."""
+    torch.manual_seed(0)
+    cfg = make_cfg(f"method={name}", *SHORT_RUN_OPTIONS.get(name, []), *TINY_DIGITS)
+    pair = build_pair(cfg.data)
+    method = build_method(cfg, pair.input_shape, pair.num_classes)
+    if dtype == torch.float16:
+        method.grad_scaler = torch.amp.GradScaler("cpu")
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
+    for step in range(5):
+        (x_s, y_s), (x_t, y_t) = next(src), next(tgt)
+        with torch.autocast("cpu", dtype=dtype):
+            out = method.step(Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None), ctx(step=step, lr=0.01))
+        assert all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
+    assert [n for n, p in method.named_parameters() if not torch.equal(p, before[n])] == list(before)
+    assert {p.dtype for p in method.parameters()} == {torch.float32}

@@ -485,3 +485,19 @@ def test_recipe_keys_are_checked_with_a_message_naming_the_key(overrides, messag
     with pytest.raises(UserError) as error:
         validate(make_cfg(*overrides))
     assert str(error.value) == message
+
+
+def test_batch_statistics_losses_run_in_float32_under_autocast():
+    """Covariances, kernels and singular values are computed in float32 even inside a float16 autocast
+    region (their sums overflow float16), and their gradients reach the float16 activations."""
+    from da_runner.nn.losses import bnm_loss, coral_loss, mk_mmd
+
+    f_s = (fixed(16, 8, seed=1) * 100).requires_grad_()
+    f_t = (fixed(16, 8, seed=2) * 100).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        h_s, h_t = f_s.half(), f_t.half()  # activations as a float16 forward pass leaves them
+        values = [coral_loss(h_s, h_t), mk_mmd(h_s, h_t), bnm_loss(h_s)]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in values)
+    assert torch.allclose(values[0], coral_loss(f_s, f_t), rtol=1e-2)  # in float16 the covariances overflow
+    sum(values).backward()
+    assert torch.isfinite(f_s.grad).all() and torch.isfinite(f_t.grad).all()

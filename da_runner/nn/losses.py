@@ -1,10 +1,41 @@
 """Loss terms shared by the methods. Shapes: N samples, d feature dimensions, C classes."""
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def in_float32(loss_fn):
+    """Run `loss_fn` outside autocast on float32 copies of its tensor arguments (also inside lists).
+
+    Under `trainer.precision=fp16 | bf16` the methods' forward passes run in low precision; batch
+    statistics (covariances, kernel matrices, singular values, norms) must not: their sums overflow
+    float16's range (65,504) and, scaled by the fp16 grad scaler, so would their gradients, skipping
+    every step; bfloat16 keeps the range but only 3 significant digits."""
+
+    def to_float32(value):
+        if torch.is_tensor(value) and value.is_floating_point():
+            return value.float()
+        if isinstance(value, (list, tuple)):
+            return type(value)(to_float32(v) for v in value)
+        return value
+
+    def device_type(value) -> str | None:
+        if torch.is_tensor(value):
+            return value.device.type
+        if isinstance(value, (list, tuple)):
+            return next(filter(None, map(device_type, value)), None)
+        return None
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast(device_type(args) or "cpu", enabled=False):
+            return loss_fn(*to_float32(args), **{k: to_float32(v) for k, v in kwargs.items()})
+
+    return wrapper
 
 
 def domain_loss_and_acc(logits: torch.Tensor, is_source: torch.Tensor,
@@ -69,6 +100,7 @@ def entropy_weights(p: torch.Tensor) -> torch.Tensor:
     return w * (len(w) / w.sum())
 
 
+@in_float32
 def bsp_penalty(f_s: torch.Tensor, f_t: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Batch spectral penalization (Chen et al., ICML 2019): sum of the squared k largest singular
     values of the source and of the target feature matrices. f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
@@ -105,6 +137,7 @@ def gaussian_kernels(sq_dist: torch.Tensor, bandwidths: torch.Tensor) -> torch.T
     return torch.exp(-sq_dist.unsqueeze(-1) / (2 * bandwidths)).sum(-1)
 
 
+@in_float32
 def joint_mmd(layers_s, layers_t, kernel_settings, linear: bool = False) -> torch.Tensor:
     """Squared (joint) MMD between source and target (JAN, Long et al., ICML 2017; one layer: DAN).
 
@@ -146,6 +179,7 @@ def mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, multipliers=(0.125, 0.25, 0.5, 
     return joint_mmd([f_s], [f_t], [list(multipliers)], linear)
 
 
+@in_float32
 def coral_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     """Deep CORAL (Sun & Saenko, ECCV 2016 workshops): ||C_s - C_t||_F^2 / (4 d^2), C the unbiased
     feature covariance of each domain. f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
@@ -184,6 +218,7 @@ def mdd_adversary_loss(logits_adv_s: torch.Tensor, logits_adv_t: torch.Tensor, p
     return margin * agree_s + disagree_t
 
 
+@in_float32
 def mcc_loss(logits_t: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
     """Minimum class confusion (Jin et al., ECCV 2020) on target logits (N, C) -> scalar.
 
@@ -204,6 +239,7 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     return entropy(F.softmax(logits, dim=1)).mean()
 
 
+@in_float32
 def bnm_loss(logits: torch.Tensor) -> torch.Tensor:
     """Batch nuclear-norm maximisation (Cui et al., CVPR 2020): minus the mean singular value of the
     (N, C) prediction matrix, i.e. its nuclear norm divided by min(N, C), as the official code
@@ -211,6 +247,7 @@ def bnm_loss(logits: torch.Tensor) -> torch.Tensor:
     return -torch.linalg.svdvals(F.softmax(logits, dim=1)).mean()
 
 
+@in_float32
 def afn_loss(f: torch.Tensor, delta_r: float = 1.0, radius: float | None = None) -> torch.Tensor:
     """Adaptive feature norm (Xu et al., ICCV 2019) on features (N, d) -> scalar.
 
