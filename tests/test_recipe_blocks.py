@@ -501,3 +501,20 @@ def test_batch_statistics_losses_run_in_float32_under_autocast():
     assert torch.allclose(values[0], coral_loss(f_s, f_t), rtol=1e-2)  # in float16 the covariances overflow
     sum(values).backward()
     assert torch.isfinite(f_s.grad).all() and torch.isfinite(f_t.grad).all()
+
+
+def test_coral_mean_term_adds_the_mean_squared_difference_of_the_feature_means():
+    from da_runner.nn.losses import coral_loss
+
+    f_s, f_t = fixed(32, 4, seed=1), fixed(32, 4, seed=2) + 3.0  # the target shifted by 3 in every dimension
+    covariance = coral_loss(f_s, f_t)
+    mean_gap = (f_s.mean(0) - f_t.mean(0)).pow(2).mean()
+    assert mean_gap > 8  # about 3 ** 2
+    assert torch.allclose(coral_loss(f_s, f_t, mean_weight=0.25), covariance + 0.25 * mean_gap)
+    # a pure shift leaves the covariances, so the paper's loss does not see it
+    assert torch.allclose(coral_loss(f_s, f_s + 3.0), torch.zeros(()), atol=1e-6)
+    method = build_method(make_cfg("method=deepcoral", *TINY_TOY, "method.mean_weight=0.5"), (2,), 2)
+    f_s2, f_t2 = fixed(8, 5, seed=3), fixed(8, 5, seed=4) + 1.0
+    logits = fixed(8, 2)
+    term, _ = method.adaptation_term(f_s2, f_t2, logits, logits)
+    assert torch.allclose(term, coral_loss(f_s2, f_t2, 0.5))

@@ -180,11 +180,16 @@ def mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, multipliers=(0.125, 0.25, 0.5, 
 
 
 @in_float32
-def coral_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+def coral_loss(f_s: torch.Tensor, f_t: torch.Tensor, mean_weight: float = 0.0) -> torch.Tensor:
     """Deep CORAL (Sun & Saenko, ECCV 2016 workshops): ||C_s - C_t||_F^2 / (4 d^2), C the unbiased
-    feature covariance of each domain. f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
+    feature covariance of each domain, plus `mean_weight` times the mean squared difference of the
+    feature means (Transfer-Learning-Library's CORAL loss is 4 times this with mean_weight 1/4).
+    f_s: (N_s, d), f_t: (N_t, d) -> scalar."""
     d = f_s.shape[1]
-    return (torch.cov(f_s.T) - torch.cov(f_t.T)).pow(2).sum() / (4 * d * d)
+    loss = (torch.cov(f_s.T) - torch.cov(f_t.T)).pow(2).sum() / (4 * d * d)
+    if mean_weight:
+        loss = loss + mean_weight * (f_s.mean(0) - f_t.mean(0)).pow(2).mean()
+    return loss
 
 
 def classifier_discrepancy(logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
