@@ -205,7 +205,7 @@ def assert_parameters(method, expected):
     ("dan", "loss_mmd", lambda f_s, f_t, l_s, l_t: mk_mmd(f_s, f_t, [0.125, 0.25, 0.5, 1.0, 2.0])),
     ("jan", "loss_jmmd", lambda f_s, f_t, l_s, l_t: joint_mmd(
         [f_s, torch.softmax(l_s, 1)], [f_t, torch.softmax(l_t, 1)], [[0.125, 0.25, 0.5, 1.0, 2.0], 0.92])),
-    ("deepcoral", "loss_coral", lambda f_s, f_t, l_s, l_t: coral_loss(f_s, f_t)),
+    ("deepcoral", "loss_coral", lambda f_s, f_t, l_s, l_t: coral_loss(f_s, f_t, 0.01)),  # mean_weight 0.01: deepcoral.yaml
     ("mcc", "loss_mcc", lambda f_s, f_t, l_s, l_t: mcc_loss(l_t, 2.5)),
     # AFN: one stepwise term per domain, summed (delta_r 1.0: configs/method/afn.yaml)
     ("afn", "loss_afn", lambda f_s, f_t, l_s, l_t: afn_loss(f_s, 1.0) + afn_loss(f_t, 1.0)),
@@ -251,7 +251,7 @@ def test_deepcoral_aligns_the_layer_it_is_given(layer):
         f = seeded(before.features)(torch.cat([batch.x_s, batch.x_t]))
         aligned = before.classifier(f) if layer == "logits" else f
     out = seeded(method.step)(batch, ctx())
-    assert out["loss_coral"].item() == pytest.approx(coral_loss(aligned[:6], aligned[6:]).item(), rel=1e-5)
+    assert out["loss_coral"].item() == pytest.approx(coral_loss(aligned[:6], aligned[6:], 0.01).item(), rel=1e-5)
 
 
 def test_deepcoral_rejects_an_unknown_layer():
