@@ -220,6 +220,11 @@ def test_experiments_compose(experiment):
     if experiment.endswith(("_paper", "_toy2d")):  # the DANN paper's recipe
         assert cfg.trainer.batch_size == 64 and cfg.optim.name == "sgd" and cfg.grl.name == "ganin"
         assert cfg.optim.schedule == "ganin" and not cfg.optim.nesterov
+    elif experiment.endswith("_mnist01_mnist23"):  # ADDA's digits recipe on the binary class-subset pair
+        assert cfg.data.name == "mnist01_mnist23" and cfg.backbone.name == "lenet" and cfg.optim.name == "adam"
+        assert cfg.backbone.bottleneck.width is None and cfg.trainer.batch_size == 64
+        if cfg.method.name == "adda":
+            assert cfg.trainer.select == "im" and cfg.method.pretrain_steps == 1000
     elif experiment.endswith("_strong"):  # the BatchNorm DANN reimplementations' recipe
         assert cfg.trainer.batch_size == 128 and cfg.optim.name == "adam" and cfg.optim.schedule == "constant"
         assert cfg.grl.name == "ganin" and cfg.method.get("domain_outputs", 2) == 2
