@@ -4,6 +4,7 @@ checksum mismatches, cut transfers and interrupted builds leave nothing a later 
 Also the per-user default data root."""
 
 import gzip
+import os
 import hashlib
 import io
 import re
@@ -286,3 +287,26 @@ def test_default_data_root_is_one_per_user_folder(tmp_path, monkeypatch):
 def test_help_states_the_default_data_folder(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
     assert result.returncode == 0 and "~/.local/share/da_runner" in result.stdout and "DA_DATA_ROOT" in result.stdout
+
+
+REAL_ROOT = os.environ.get("DA_DATA_ROOT")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_ROOT and (Path(REAL_ROOT) / "bsds500" / "images" / "train").is_dir()
+                         and (Path(REAL_ROOT) / "mnist_m" / "mnist_m.tar.gz").is_file()),
+                    reason="set DA_DATA_ROOT to a folder with MNIST/raw, bsds500/images/train and mnist_m/mnist_m.tar.gz")
+def test_real_build_has_the_release_layout_sizes_and_label_files(tmp_path):
+    real = Path(REAL_ROOT)
+    out = tmp_path / "mnist_m"
+    assert build_mnistm(real, real / "bsds500", out, progress=False, cache_dir=tmp_path / "cache") == RELEASE_SIZES
+    release = {}
+    with tarfile.open(real / "mnist_m" / "mnist_m.tar.gz", mode="r|gz") as tar:
+        for member in tar:
+            if member.isfile():
+                release[member.name] = tar.extractfile(member).read() if member.name.endswith(".txt") else None
+    built = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"mnist_m/mnist_m_build.json"}
+    assert built == set(release)
+    for split in ("train", "test"):  # the same label files, byte for byte
+        name = f"mnist_m/mnist_m_{split}_labels.txt"
+        assert (out / name).read_bytes() == release[name]

@@ -174,8 +174,19 @@ def fetch_split(name: str, train: bool, root, cache_dir=None) -> None:
         fetch.fetch_with_torchvision(name, root, train, DATASETS[name][1])
     except Exception as err:  # network errors come in many types; all mean the same to the user
         reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise MissingDataError(f"downloading {name} into {root} failed ({reason}); "
-                               f"put these files there by hand: " + ", ".join(map(str, missing))) from err
+        raise MissingDataError("\n".join([f"downloading {name} into {root} failed ({reason}); put these files "
+                                          "there by hand:", *_by_hand(name, train, missing)])) from err
+
+
+def _by_hand(name: str, train: bool, missing: list[Path]) -> list[str]:
+    """`  <URL>  ->  <path>` for each missing file: torchvision's sources (or DA_DATA_MIRROR's, for MNIST)."""
+    from torchvision.datasets import SVHN, USPS
+
+    if name == "mnist":
+        return [f"  {_mnist_class().mirrors[0]}{path.name}.gz  ->  gunzip to {path}" for path in missing]
+    table = USPS.split_list if name == "usps" else SVHN.split_list
+    url = table["train" if train else "test"][0]
+    return [f"  {url}  ->  {path}" for path in missing]
 
 
 def load_split(name: str, train: bool, root, cache_dir=None, download: bool = False) -> Split:

@@ -193,17 +193,12 @@ def fetch_bsds_train(root: Path, progress: bool = True) -> Path:
 def manual_steps(root: Path) -> list[str]:
     """What to put where by hand when MNIST-M cannot be fetched: each file, its URL, its place, and the
     da-data command that builds MNIST-M from them."""
-    from torchvision.datasets import MNIST
-
-    from da_runner.data.digits import missing_files
+    from da_runner.data.digits import _by_hand, missing_files
 
     root = Path(root)
-    base = mirror()
-    mnist_base = f"{base}/" if base else MNIST.mirrors[0]
     lines = []
-    missing_mnist = missing_files("mnist", True, root) + missing_files("mnist", False, root)
-    for path in missing_mnist:
-        lines.append(f"  {mnist_base}{path.name}.gz  ->  gunzip to {path}")
+    for train in (True, False):
+        lines += _by_hand("mnist", train, missing_files("mnist", train, root))
     if not (bsds_dir(root) / "images" / "train").is_dir():
         source = SOURCES["bsr"]
         lines.append(f"  {source_url(source)}  ->  {bsds_dir(root) / source.filename} "
