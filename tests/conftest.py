@@ -1,8 +1,10 @@
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,14 @@ import torch
 from hydra import compose
 
 from da_runner.config_tree import initialize_configs
+
+# Tests never write to the real per-user data folder (data.root's default, da_runner/paths.py): it is a
+# temporary folder for this process and the CLI processes the tests start. No test fetches from a mirror
+# set in the environment.
+_USER_DATA = tempfile.mkdtemp(prefix="da_runner_test_data_")
+os.environ["XDG_DATA_HOME"] = _USER_DATA
+os.environ.pop("DA_DATA_MIRROR", None)
+atexit.register(shutil.rmtree, _USER_DATA, ignore_errors=True)
 
 # Small but real: the embedded pair shrunk so every test trains in seconds on 2 CPU cores.
 TINY_DIGITS = [

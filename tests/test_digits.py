@@ -136,7 +136,7 @@ def test_mnistm_builder_layout_determinism_and_recipe(fake_root, tmp_path):
     build_mnistm(root, bsds, tmp_path / "a" / "mnist_m", seed=0, sizes=sizes, progress=False)
     build_mnistm(root, bsds, tmp_path / "b" / "mnist_m", seed=0, sizes=sizes, progress=False)
     build_mnistm(root, bsds, tmp_path / "c" / "mnist_m", seed=1, sizes=sizes, progress=False)
-    out = tmp_path / "a" / "mnist_m"
+    out = tmp_path / "a" / "mnist_m" / "mnist_m"  # the release tarball's layout
     assert len(list((out / "mnist_m_train").glob("*.png"))) == 30
     lines = (out / "mnist_m_test_labels.txt").read_text().splitlines()
     assert lines[0] == f"00000000.png {written['mnist']['test'][1][0]}" and len(lines) == 10

@@ -7,6 +7,8 @@
     <root>/mnist_m/mnist_m/mnist_m_{train,test}/ + *_labels.txt        extracted (also without the inner mnist_m/)
 
 MNIST, USPS and SVHN are read by torchvision's dataset classes; MNIST-M by reading the tarball's PNGs.
+With `data.download=true`, missing MNIST / USPS / SVHN files come from torchvision's sources (MD5-checked)
+and a missing MNIST-M is built from MNIST and the BSDS500 train photos (da_runner/data/fetch.py).
 Each split is decoded once and cached as uint8 tensors in `data.cache_dir` (keyed by the source
 files' size and modification time), so the next run starts in seconds even from a read-only root.
 """
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 from da_runner.data.classes import ClassSelection, default_class_names
 from da_runner.errors import MissingDataError, UserError, missing_data_message
 
-MNISTM_HINT = ("MNIST-M has no working official download link: put the release tarball mnist_m.tar.gz there, "
-               "or build it from MNIST and BSDS500 with `da-data build-mnistm --root <data.root> --bsds <BSDS500 dir>`")
+MNISTM_HINT = ("MNIST-M (its release link is dead): set data.download=true to build it from MNIST and the BSDS500 "
+               "photos (both downloaded), put the release tarball mnist_m.tar.gz there, or build it from local files "
+               "with `da-data build-mnistm --root <data.root> --bsds <BSDS500 dir>`")
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,19 @@ def _mnistm_files(root: Path, train: bool) -> list[Path]:
     return [tarball]
 
 
-def _load_mnist(root: Path, train: bool, download: bool) -> Split:
+def _mnist_class():
+    """torchvision's MNIST, fetching from $DA_DATA_MIRROR/<file> when that is set (da_runner/data/fetch.py)."""
     from torchvision.datasets import MNIST
 
-    ds = MNIST(str(root), train=train, download=download)
+    from da_runner.data.fetch import mirror
+
+    base = mirror()
+    # Named MNIST: torchvision's folder is <root>/<class name>/raw.
+    return type("MNIST", (MNIST,), {"mirrors": [f"{base}/"]}) if base else MNIST
+
+
+def _load_mnist(root: Path, train: bool, download: bool) -> Split:
+    ds = _mnist_class()(str(root), train=train, download=download)
     return Split(ds.data[:, None].contiguous(), ds.targets.long())
 
 
@@ -117,7 +129,7 @@ DATASETS = {
     "svhn": (_svhn_files, _load_svhn),
     "mnistm": (_mnistm_files, _load_mnistm),
 }
-DOWNLOADABLE = ("mnist", "usps", "svhn")
+DOWNLOADABLE = ("mnist", "usps", "svhn", "mnistm")  # mnistm: built from downloaded MNIST and BSDS500 photos
 DIGIT_CLASSES = default_class_names(10)  # every digit dataset's labels are the digits 0-9
 
 
@@ -141,11 +153,40 @@ def missing_files(name: str, train: bool, root) -> list[Path]:
 def missing_message(root, missing: dict[str, list[Path]]) -> str:
     """One message naming every missing file of every dataset, and how to get them."""
     hints = []
-    if any(name in DOWNLOADABLE for name in missing):
+    if any(name in ("mnist", "usps", "svhn") for name in missing):
         hints.append("MNIST / USPS / SVHN: set data.download=true to fetch them from the official sources.")
     if "mnistm" in missing:
         hints.append(MNISTM_HINT)
     return missing_data_message(root, missing, hints)
+
+
+def fetch_split(name: str, train: bool, root, cache_dir=None) -> None:
+    """Fetch the missing files of one split: torchvision's download (MD5-checked) for MNIST, USPS and SVHN,
+    MNIST-M built from MNIST and the BSDS500 photos. Nothing half-written is left (da_runner/data/fetch.py)."""
+    from da_runner.data import fetch
+
+    root = Path(root).expanduser()
+    if name == "mnistm":
+        fetch.fetch_mnistm(root, cache_dir=cache_dir)
+        return
+    missing = missing_files(name, train, root)
+    try:
+        fetch.fetch_with_torchvision(name, root, train, DATASETS[name][1])
+    except Exception as err:  # network errors come in many types; all mean the same to the user
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise MissingDataError("\n".join([f"downloading {name} into {root} failed ({reason}); put these files "
+                                          "there by hand:", *_by_hand(name, train, missing)])) from err
+
+
+def _by_hand(name: str, train: bool, missing: list[Path]) -> list[str]:
+    """`  <URL>  ->  <path>` for each missing file: torchvision's sources (or DA_DATA_MIRROR's, for MNIST)."""
+    from torchvision.datasets import SVHN, USPS
+
+    if name == "mnist":
+        return [f"  {_mnist_class().mirrors[0]}{path.name}.gz  ->  gunzip to {path}" for path in missing]
+    table = USPS.split_list if name == "usps" else SVHN.split_list
+    url = table["train" if train else "test"][0]
+    return [f"  {url}  ->  {path}" for path in missing]
 
 
 def load_split(name: str, train: bool, root, cache_dir=None, download: bool = False) -> Split:
@@ -156,12 +197,8 @@ def load_split(name: str, train: bool, root, cache_dir=None, download: bool = Fa
     files_of, loader = DATASETS[name]
     missing = missing_files(name, train, root)
     if missing and download and name in DOWNLOADABLE:
-        try:
-            loader(root, train, True)  # torchvision downloads the files and verifies their MD5 checksums
-        except Exception as err:  # network errors come in many types; all mean the same to the user
-            raise MissingDataError(f"downloading {name} into {root} failed ({type(err).__name__}: {err}); "
-                                   f"put these files there by hand: " + ", ".join(map(str, missing))) from err
-        missing = []
+        fetch_split(name, train, root, cache_dir)
+        missing = missing_files(name, train, root)
     if missing:
         raise MissingDataError(missing_message(root, {name: missing}))
     files = files_of(root, train)
@@ -250,6 +287,11 @@ def build_digit_pair(cfg):
             return split
         index, _ = selection.keep(split.y, domain)
         return Split(split.x[index], split.y[index])
+
+    # MNIST-M first: its fetch brings MNIST too, and its failure names every file of the chain.
+    if cfg.download and "mnistm" in (cfg.source, cfg.target) and (
+            missing_files("mnistm", True, cfg.root) or missing_files("mnistm", False, cfg.root)):
+        fetch_split("mnistm", True, cfg.root, cfg.cache_dir)
 
     rng = np.random.default_rng(int(cfg.seed))
     source = _subset(kept_classes(load(cfg.source, True), "source"), cfg.source_subset, rng)

@@ -2,11 +2,23 @@
 each MNIST digit d (brought to 32x32 like the release) is blended over a random 32x32 patch p of a
 random BSDS500 *train* photo as out = |p - d| per pixel and channel.
 
-Writes the layout of the release tarball: <out>/mnist_m_{train,test}/<i:08d>.png and
-<out>/mnist_m_{train,test}_labels.txt (`00000000.png 5` lines); image i is MNIST image i, and the
-first 59,001 train / 9,001 test digits are used, as in the release. Deterministic for a seed.
+Writes the layout of the release tarball under <out>/mnist_m/: mnist_m_{train,test}/<i:08d>.png and
+mnist_m_{train,test}_labels.txt (`00000000.png 5` lines); image i is MNIST image i, and the first
+59,001 train / 9,001 test digits are used, as in the release. Deterministic for a seed (default 0).
+
+What it is: the release's recipe, sizes, layout and labels, not the release file bit for bit (the
+release's random photo and patch draws are not published). `mnist_m_build.json` beside the images says
+so, with the seed and the sizes.
+
+Interruptible: the build works in <out>/mnist_m.partial/ (a PNG is written under a temporary name and
+renamed, a split's label file is written last), a later build with the same settings resumes there,
+and the folder is renamed to <out>/mnist_m when complete.
 """
 
+import io
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +28,8 @@ from da_runner.data.digits import load_split, to_format
 from da_runner.errors import UserError
 
 RELEASE_SIZES = {"train": 59001, "test": 9001}
+BUILD_INFO = "mnist_m_build.json"  # written last, then the folder is renamed: the marker of a complete build
+RECIPE = "Ganin & Lempitsky (ICML 2015): |random 32x32 patch of a random BSDS500 train photo - MNIST digit at 32x32|"
 
 
 def load_bsds_train(bsds: Path) -> list[np.ndarray]:
@@ -43,27 +57,72 @@ def blend_mnistm(digits: np.ndarray, photos: list[np.ndarray], rng: np.random.Ge
     return out
 
 
-def build_mnistm(mnist_root: Path, bsds: Path, out: Path, seed: int = 0, sizes=RELEASE_SIZES,
-                 image_size: int = 32, progress: bool = True) -> dict[str, int]:
-    """Write MNIST-M to `out` (normally <data.root>/mnist_m); returns the number of images per split."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    _write_atomic(path, buf.getvalue())
+
+
+def build_mnistm(mnist_root: Path, bsds: Path, out: Path, seed: int = 0, sizes=RELEASE_SIZES,
+                 image_size: int = 32, progress: bool = True, cache_dir=None) -> dict[str, int]:
+    """Write MNIST-M to <out>/mnist_m/ (normally out = <data.root>/mnist_m); returns the images per split."""
+    out = Path(out).expanduser()
+    final, work = out / "mnist_m", out / "mnist_m.partial"
+    if final.exists() and any(final.iterdir()):
+        raise UserError(f"{final} exists already; delete it to build MNIST-M again")
+    settings = {"seed": int(seed), "sizes": {k: int(v) for k, v in sizes.items()}, "image_size": int(image_size)}
+    started = work / "settings.json"
+    if work.is_dir():
+        try:
+            resumable = json.loads(started.read_text()) == settings
+        except (OSError, ValueError):
+            resumable = False
+        if not resumable:  # a build with other settings: start over
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _write_atomic(started, json.dumps(settings).encode())
 
     photos = load_bsds_train(bsds)
     rng = np.random.default_rng(seed)
-    out = Path(out).expanduser()
     written = {}
     for split, count in sizes.items():
-        mnist = load_split("mnist", split == "train", mnist_root)
-        count = min(count, len(mnist.y))
+        mnist = load_split("mnist", split == "train", mnist_root, cache_dir=cache_dir)
+        count = min(int(count), len(mnist.y))
         digits = to_format(mnist.x[:count], image_size, 1)[:, 0].numpy()
+        # Drawn for every split, done or not, so a resumed build makes the same draws as an uninterrupted one.
         images = blend_mnistm(digits, photos, rng)
-        folder = out / f"mnist_m_{split}"
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in tqdm(range(count), desc=f"MNIST-M {split}", disable=not progress):
-            name = f"{i:08d}.png"
-            Image.fromarray(images[i]).save(folder / name)
-            lines.append(f"{name} {int(mnist.y[i])}\n")
-        (out / f"mnist_m_{split}_labels.txt").write_text("".join(lines))
+        labels_file = work / f"mnist_m_{split}_labels.txt"
+        if not labels_file.is_file():  # written last: the split's marker of completion
+            folder = work / f"mnist_m_{split}"
+            folder.mkdir(exist_ok=True)
+            for stale in folder.glob("*.tmp"):  # a PNG the interruption caught half-written
+                stale.unlink()
+            for i in tqdm(range(count), desc=f"MNIST-M {split}", disable=not progress):
+                path = folder / f"{i:08d}.png"
+                if not path.is_file():  # PNGs of an interrupted build are complete (renamed into place)
+                    _write_png(images[i], path)
+            lines = "".join(f"{i:08d}.png {int(mnist.y[i])}\n" for i in range(count))
+            _write_atomic(labels_file, lines.encode())
         written[split] = count
+
+    info = {
+        "what": "MNIST-M built by da_runner from MNIST and the BSDS500 train photos; the release's recipe, "
+                "layout, sizes and labels, not the release file bit for bit",
+        "recipe": RECIPE,
+        **settings,
+        "images": written,
+    }
+    _write_atomic(work / BUILD_INFO, json.dumps(info, indent=2).encode())
+    started.unlink()
+    if final.exists():
+        final.rmdir()  # empty (checked above)
+    os.replace(work, final)
     return written
