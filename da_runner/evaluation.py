@@ -10,6 +10,7 @@ import torch
 
 from da_runner import validators as V
 from da_runner.data.domain import Domain, DomainPair
+from da_runner.tasks import accuracy
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Outputs:
 
     def accuracy(self, head: str = "") -> float:
         logits = self.heads[head] if head else self.logits
-        return (logits.argmax(1) == self.labels).sum().item() / len(self.labels)
+        return accuracy(logits.argmax(1), self.labels)
 
 
 @torch.no_grad()
