@@ -53,8 +53,8 @@ def domain_report(method, domain, task, batch_size: int, target: bool = False) -
     from da_runner.tasks import accuracy
 
     out = outputs(method, domain, batch_size)
-    # The source holds only the source's classes: its predictions are the classifier's argmax.
-    predicted = task.predict(out.logits) if target else out.logits.argmax(1)
+    # The source holds only the source's classes: its predictions are the argmax over them.
+    predicted = task.predict(out.logits) if target else task.known_logits(out.logits).argmax(1)
     class_names = task.class_names if target else task.label_space.class_names
     matrix = confusion_matrix(predicted.cpu(), out.labels.cpu(), len(class_names))
     per_class = matrix.diag().double() / matrix.sum(1).clamp_min(1).double()

@@ -22,10 +22,6 @@ class Outputs:
     heads: dict[str, torch.Tensor]
     labels: torch.Tensor
 
-    def accuracy(self, head: str = "") -> float:
-        logits = self.heads[head] if head else self.logits
-        return accuracy(logits.argmax(1), self.labels)
-
 
 @torch.no_grad()
 def outputs(method, domain: Domain, batch_size: int = 1024) -> Outputs:
@@ -64,17 +60,18 @@ def evaluate(method, data: ValidationData, task, validators=("source_acc",), bat
     `<domain>_acc_<head>` for further heads, and the value of each validator in `validators`."""
     source_val = outputs(method, data.pair.source_val, batch_size)
     target_test = outputs(method, data.pair.target_test, batch_size)
-    # The source validation split holds the source's classes only: plain accuracy in every setting.
-    record = {"source_acc": source_val.accuracy(), **task.target_metrics(target_test.logits, target_test.labels)}
-    for head in source_val.heads:
-        record[f"source_acc_{head}"] = source_val.accuracy(head)
+    # The source validation split holds the source's classes only: the accuracy of the argmax over them.
+    record = {"source_acc": accuracy(task.known_logits(source_val.logits).argmax(1), source_val.labels),
+              **task.target_metrics(target_test.logits, target_test.labels)}
+    for head, head_logits in source_val.heads.items():
+        record[f"source_acc_{head}"] = accuracy(task.known_logits(head_logits).argmax(1), source_val.labels)
         record[f"target_acc_{head}"] = task.target_accuracy(target_test.heads[head], target_test.labels)
     needs_target = [name for name in validators if name != "source_acc"]
     if needs_target:
         target = outputs(method, data.target_sample, batch_size)
         source_fit = outputs(method, data.source_sample, batch_size) if "dev" in validators else source_val
-        values = V.compute(needs_target, source_acc=record["source_acc"], logits_t=target.logits,
+        values = V.compute(needs_target, source_acc=record["source_acc"], logits_t=task.known_logits(target.logits),
                            f_t=target.features, f_s_fit=source_fit.features, f_s_val=source_val.features,
-                           logits_s_val=source_val.logits, y_s_val=source_val.labels)
+                           logits_s_val=task.known_logits(source_val.logits), y_s_val=source_val.labels)
         record.update(values)
     return record

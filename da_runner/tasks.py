@@ -7,11 +7,17 @@ never the setting itself, so a new kind of task (semantic segmentation: mIoU) is
     closed, partial  target_acc (accuracy), target_mean_class_acc (mean over the target's classes of
                      the per-class accuracy; in a partial pair the classes the target lacks do not count)
     open_set         the classifier knows the source's K classes; a target sample whose largest softmax
-                     probability is below `data.unknown_threshold` is predicted `unknown` (label K).
+                     probability is below `data.unknown_threshold` is predicted `unknown` (label K). A
+                     method with an output of its own for unknown (OSBP: K + 1 logits) predicts the
+                     argmax over all K + 1, the threshold unused.
                      target_os (mean per-class accuracy over the target's known classes and unknown),
                      target_os_star (over the known classes only), target_unk (accuracy on unknown),
                      target_h_score (2 OS* UNK / (OS* + UNK)), target_acc (accuracy over all target
                      samples, unknown counting as one class)
+
+Closed and partial pairs read the K known-class logits only (an OSBP classifier trained on them keeps
+its unknown output, which these pairs have no label for); so do the source accuracy and the validators
+in every setting.
 
 Validators by setting (every one reads target inputs only):
     closed    source_acc, entropy, im, snd, dev
@@ -83,9 +89,13 @@ class ClassificationTask:
         """The name of each label that evaluation may see (predictions and target labels)."""
         return self.label_space.class_names
 
+    def known_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the source's K classes: (N, K) or (N, K + 1) with an unknown output -> (N, K)."""
+        return logits[:, :self.label_space.num_classes]
+
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, K) logits -> (N,) predicted labels."""
-        return logits.argmax(1)
+        """(N, K) logits (or (N, K + 1): the unknown output is ignored) -> (N,) predicted labels."""
+        return self.known_logits(logits).argmax(1)
 
     def target_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         predicted = self.predict(logits)
@@ -124,6 +134,8 @@ class OpenSetTask(ClassificationTask):
         return (*self.label_space.class_names, UNKNOWN)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] == self.label_space.num_classes + 1:  # the method's own unknown output (label K)
+            return logits.argmax(1)
         confidence, predicted = F.softmax(logits.float(), dim=1).max(1)
         return torch.where(confidence < self.unknown_threshold, self.label_space.unknown_label, predicted)
 

@@ -114,11 +114,11 @@ def test_cdan_e_weights_normalised_over_the_batch_or_per_domain():
     p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])  # entropies 0, log 2, log 2, log 2
     logits = (p + 1e-12).log()
     confident, unsure = 2.0, 1.5  # 1 + exp(-H)
-    batch = cdan_e("method.entropy_normalization=batch", "method.entropy_gradient=false").domain_weights(logits, 2, ctx())
+    batch = cdan_e("method.entropy_normalization=batch", "method.entropy_gradient=false").entropy_weights(logits, 2, ctx())
     mean = (confident + 3 * unsure) / 4
     assert batch.tolist() == pytest.approx([confident / mean, unsure / mean, unsure / mean, unsure / mean], abs=1e-5)
     # CDAN's own code: each domain's weights have mean 1, so the unsure target rows weigh 1 each.
-    per_domain = cdan_e("method.entropy_gradient=false").domain_weights(logits, 2, ctx())  # the default: domain
+    per_domain = cdan_e("method.entropy_gradient=false").entropy_weights(logits, 2, ctx())  # the default: domain
     source_mean = (confident + unsure) / 2
     assert per_domain.tolist() == pytest.approx([confident / source_mean, unsure / source_mean, 1.0, 1.0], abs=1e-5)
     assert not batch.requires_grad
@@ -129,7 +129,7 @@ def test_cdan_e_entropy_gradient_is_reversed_and_scaled_by_lambda():
     logits = torch.randn(6, 2, requires_grad=True)
     per_sample = torch.rand(6)  # stands for the discriminator's per-sample losses
     method = cdan_e()  # the authors' code: per-domain normalisation, the entropy's gradient reversed
-    (method.domain_weights(logits, 3, ctx(lam=0.3)) * per_sample).sum().backward()
+    (method.entropy_weights(logits, 3, ctx(lam=0.3)) * per_sample).sum().backward()
     reversed_grad = logits.grad.clone()
 
     # The same weights built by hand, with the normalisers detached and no reversal.
@@ -140,7 +140,7 @@ def test_cdan_e_entropy_gradient_is_reversed_and_scaled_by_lambda():
     (w * per_sample).sum().backward()
     assert torch.allclose(reversed_grad, -0.3 * logits.grad, atol=1e-6)
     assert reversed_grad.abs().sum() > 0
-    assert not cdan_e("method.entropy_gradient=false").domain_weights(logits, 3, ctx()).requires_grad
+    assert not cdan_e("method.entropy_gradient=false").entropy_weights(logits, 3, ctx()).requires_grad
 
 
 def test_cdan_e_rejects_an_unknown_normalisation():

@@ -73,12 +73,14 @@ class Crash(Exception):
 
 
 RESUME_CASES = [(name, 7) for name in sorted(METHODS)] + [("dann", 10), ("adda", 10)]
+# ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
+# PADA updates its class weights every 3 steps: the crash falls between two updates.
+RESUME_OPTIONS = {"adda": "method.pretrain_steps=6", "pada": "method.class_weight_update_every=3"}
 
 
 @pytest.mark.parametrize("name, crash_at", RESUME_CASES)
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, name, crash_at):
-    # ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
-    args = [*TINY_DIGITS, f"method={name}", "method.pretrain_steps=6" if name == "adda" else "seed=0",
+    args = [*TINY_DIGITS, f"method={name}", RESUME_OPTIONS.get(name, "seed=0"),
             "trainer.max_steps=12", "trainer.eval_every=3", "trainer.ckpt_every=4", "trainer.log_every=1"]
     reference = train(make_cfg(*args), tmp_path / "ref")
 

@@ -148,12 +148,16 @@ class Method(nn.Module):
         Without BatchNorm the two are the same function.
 
         Returns n_s (the number of source rows), the features f (N_s + N_t, d), the logits
-        (N_s + N_t, C) and the source cross-entropy.
+        (N_s + N_t, C) and the source classification loss (`classification_loss`).
         """
         n_s = len(batch.x_s)
         f = self.apply_per_domain(self.features, torch.cat([batch.x_s, batch.x_t]), n_s)
         logits = self.apply_per_domain(self.classifier, f, n_s)
-        return n_s, f, logits, F.cross_entropy(logits[:n_s], batch.y_s)
+        return n_s, f, logits, self.classification_loss(logits[:n_s], batch.y_s)
+
+    def classification_loss(self, logits_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
+        """The source classification loss: cross-entropy (PADA weights it by class)."""
+        return F.cross_entropy(logits_s, y_s)
 
     @property
     def separate_forward(self) -> bool:

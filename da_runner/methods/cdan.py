@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from da_runner.errors import UserError
-from da_runner.methods.base import StepContext
+from da_runner.methods.base import Batch, StepContext
 from da_runner.methods.dann import DANN
 from da_runner.methods.registry import register
 from da_runner.nn.grl import grad_reverse
@@ -60,7 +60,11 @@ class CDAN(DANN):
         g = F.softmax(logits, dim=1).detach()
         return self.random_map(f, g) if self.random_map is not None else multilinear_map(f, g)
 
-    def domain_weights(self, logits: torch.Tensor, n_s: int, ctx: StepContext) -> torch.Tensor | None:
+    def domain_weights(self, f: torch.Tensor, logits: torch.Tensor, batch: Batch, ctx: StepContext):
+        return self.entropy_weights(logits, len(batch.x_s), ctx), None, {}
+
+    def entropy_weights(self, logits: torch.Tensor, n_s: int, ctx: StepContext) -> torch.Tensor | None:
+        """CDAN+E's weights 1 + exp(-H(g)) of the N_s + N_t rows (source first); None without `entropy`."""
         options = self.cfg.method
         if not options.get("entropy", False):
             return None

@@ -19,8 +19,10 @@ Options (configs/method/dann.yaml):
     entropy_weight, bnm_weight: entropy minimisation / batch nuclear-norm maximisation on the target
                     predictions as add-ons (0 = off).
 
-Subclasses (CDAN) change what D sees (`adversary_input`) and how samples are weighted
-(`domain_weights`); the step is shared.
+The domain loss is one weighted loss for every adversarial method built on this class: the mean over
+the batch of each sample's loss times its weight, w_s for the source rows and w_t for the target rows
+(all 1 here). Subclasses change what D sees (`adversary_input`: CDAN) and the weights
+(`domain_weights`: CDAN+E, PADA, IWAN); the step is shared.
 """
 
 import torch
@@ -57,9 +59,13 @@ class DANN(Method):
         """What the discriminator sees (through the gradient reversal layer): the features."""
         return f
 
-    def domain_weights(self, logits: torch.Tensor, n_s: int, ctx: StepContext) -> torch.Tensor | None:
-        """Per-sample weights of the domain loss (None: all equal); the first n_s rows are source."""
-        return None
+    def domain_weights(self, f: torch.Tensor, logits: torch.Tensor, batch: Batch,
+                       ctx: StepContext) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The per-sample weights of the domain loss for features f and logits (N_s + N_t rows, source
+        first): (N_s + N_t,) = [w_s, w_t], or None for equal weights. Also returns the loss of whatever
+        computes the weights, trained with the rest (IWAN's importance discriminator; None: none), and
+        what to log about them."""
+        return None, None, {}
 
     def step(self, batch: Batch, ctx: StepContext):
         n_s, f, logits, loss_cls = self.forward_both(batch)
@@ -68,11 +74,15 @@ class DANN(Method):
         is_source[:n_s] = 1.0
         domain_logits = self.apply_per_domain(self.discriminator,
                                               grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda), n_s)
-        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, self.domain_weights(logits, n_s, ctx))
+        weights, loss_weighting, terms = self.domain_weights(f, logits, batch, ctx)
+        loss_domain, domain_acc = domain_loss_and_acc(domain_logits, is_source, weights)
 
         # lambda lives in the GRL: D minimises loss_domain, G receives -lambda times its gradient.
         loss = loss_cls + self.domain_weight * loss_domain
-        terms = {"loss_cls": loss_cls.detach(), "loss_domain": loss_domain.detach(), "domain_acc": domain_acc.detach()}
+        if loss_weighting is not None:
+            loss = loss + loss_weighting
+        terms = {"loss_cls": loss_cls.detach(), "loss_domain": loss_domain.detach(), "domain_acc": domain_acc.detach(),
+                 **terms}
         if self.bsp_weight > 0:
             loss_bsp = bsp_penalty(f[:n_s], f[n_s:], self.bsp_k)
             loss = loss + self.bsp_weight * loss_bsp
