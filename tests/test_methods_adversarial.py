@@ -221,3 +221,26 @@ def test_adda_target_encoder_is_initialised_from_the_source_encoder(monkeypatch)
     assert all(torch.equal(seen["target"][n], source_weights[n]) for n in source_weights)
     # stage 2's Adam keeps its own constant lr: param groups without lr_mult
     assert all("lr_mult" not in g and g["lr"] == 2e-4 and g["betas"][0] == 0.5 for g in target_optimizer.param_groups)
+
+
+def test_adda_stage2_draws_no_dropout_in_either_encoder():
+    """The frozen source encoder runs in eval mode; the target encoder must not draw dropout masks either,
+    or the discriminator separates the domains by the noise: with dropout off its features are a
+    deterministic function of the input, while its BatchNorm layers keep training."""
+    torch.manual_seed(0)
+    method = build_method(make_cfg("method=adda", "method.pretrain_steps=1", "backbone=lenet", *TINY_DIGITS),
+                          (1, 28, 28), 10)
+    x_t = torch.randn(8, 1, 28, 28)
+    batch = Batch(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), x_t)
+    method.train()
+    method.step(batch, ctx(0))  # stage 1
+    lenet_dropout = [m for m in method.target_features.modules() if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
+    assert lenet_dropout and all(m.training for m in lenet_dropout)
+    method.step(batch, ctx(1))  # stage 2: the target encoder copies the source encoder, then adapts
+    assert all(not m.training for m in lenet_dropout)
+    batch_norms = [m for m in method.target_features.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert batch_norms and all(m.training for m in batch_norms)  # lenet's bottleneck keeps target statistics
+    # in the mode stage 2 trains it in, the same inputs give the same features (no dropout draws;
+    # BatchNorm normalises with the batch's statistics, equal for equal batches)
+    with torch.no_grad():
+        assert torch.equal(method.target_features(x_t), method.target_features(x_t))

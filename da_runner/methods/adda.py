@@ -9,7 +9,9 @@ Two stages in one run, switched by `ctx.step`:
    tell source features (label 1) from target features (label 0); the target encoder learns to make
    D call its features source (the inverted-label GAN loss, no gradient reversal). D and the target
    encoder each have their own Adam optimizer (paper: lr 2e-4, beta1 0.5) at a constant learning
-   rate. The `grl` schedules do not apply.
+   rate. The `grl` schedules do not apply. Neither encoder draws dropout masks in stage 2 (the source
+   encoder runs in eval mode; the target encoder's dropout layers are switched off, its BatchNorm
+   layers keep training on target batches), so dropout noise cannot tell the domains apart.
 
 Evaluation uses the target encoder + classifier once stage 2 has begun (the source encoder before).
 Both stages are logged (`train/stage`) and both resume exactly: the copy is made on the first step
@@ -19,6 +21,7 @@ of stage 2, and after that lives in the checkpoint.
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext, build_optimizer
@@ -26,6 +29,9 @@ from da_runner.methods.registry import register
 from da_runner.nn.backbones import build_features
 from da_runner.nn.heads import mlp_head
 from da_runner.nn.losses import domain_loss_and_acc
+
+
+DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 @register("adda")
@@ -67,6 +73,7 @@ class ADDA(Method):
             self.features.eval()  # the frozen encoder is a fixed function: no dropout, fixed BatchNorm
             f_s = self.features(batch.x_s)
             self.features.train()
+        self.disable_dropout(self.target_features)
         f_t = self.target_features(batch.x_t)
         loss_domain, domain_acc = domain_loss_and_acc(self.discriminator(torch.cat([f_s, f_t.detach()])), is_source)
         self.optimizer_step(self.optimizers["discriminator"], loss_domain)
@@ -76,6 +83,17 @@ class ADDA(Method):
         self.optimizer_step(self.optimizers["target"], loss_target)
         return {"loss": (loss_domain + loss_target).detach(), "loss_domain": loss_domain.detach(),
                 "loss_target": loss_target.detach(), "domain_acc": domain_acc.detach(), "stage": torch.tensor(2.0)}
+
+    @staticmethod
+    def disable_dropout(encoder: nn.Module) -> None:
+        """Dropout layers of `encoder` to eval mode (no draws), the rest left as it is. The frozen source
+        encoder runs without dropout; if the target encoder drew dropout masks, the discriminator would
+        tell the domains apart by that noise alone and win whatever the features (LeNet, whose features
+        are a dropout layer's output: discriminator accuracy 1.0 from step 50 of stage 2, and the
+        target encoder collapsing onto one class)."""
+        for module in encoder.modules():
+            if isinstance(module, DROPOUT_LAYERS):
+                module.eval()
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
