@@ -54,7 +54,7 @@ def domain_report(method, domain, task, batch_size: int, target: bool = False) -
 
     out = outputs(method, domain, batch_size)
     # The source holds only the source's classes: its predictions are the argmax over them.
-    predicted = task.predict(out.logits) if target else task.known_logits(out.logits).argmax(1)
+    predicted = task.predict(out.logits) if target else task.predict_known(out.logits)
     class_names = task.class_names if target else task.label_space.class_names
     matrix = confusion_matrix(predicted.cpu(), out.labels.cpu(), len(class_names))
     per_class = matrix.diag().double() / matrix.sum(1).clamp_min(1).double()

@@ -61,10 +61,10 @@ def evaluate(method, data: ValidationData, task, validators=("source_acc",), bat
     source_val = outputs(method, data.pair.source_val, batch_size)
     target_test = outputs(method, data.pair.target_test, batch_size)
     # The source validation split holds the source's classes only: the accuracy of the argmax over them.
-    record = {"source_acc": accuracy(task.known_logits(source_val.logits).argmax(1), source_val.labels),
+    record = {"source_acc": accuracy(task.predict_known(source_val.logits), source_val.labels),
               **task.target_metrics(target_test.logits, target_test.labels)}
     for head, head_logits in source_val.heads.items():
-        record[f"source_acc_{head}"] = accuracy(task.known_logits(head_logits).argmax(1), source_val.labels)
+        record[f"source_acc_{head}"] = accuracy(task.predict_known(head_logits), source_val.labels)
         record[f"target_acc_{head}"] = task.target_accuracy(target_test.heads[head], target_test.labels)
     needs_target = [name for name in validators if name != "source_acc"]
     if needs_target:

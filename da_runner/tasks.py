@@ -93,9 +93,14 @@ class ClassificationTask:
         """The logits of the source's K classes: (N, K) or (N, K + 1) with an unknown output -> (N, K)."""
         return logits[:, :self.label_space.num_classes]
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, K) logits (or (N, K + 1): the unknown output is ignored) -> (N,) predicted labels."""
+    def predict_known(self, logits: torch.Tensor) -> torch.Tensor:
+        """The argmax over the K known classes: (N, K) or (N, K + 1) logits -> (N,) labels. The source's
+        prediction in every setting (the source holds the known classes only)."""
         return self.known_logits(logits).argmax(1)
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target prediction: (N, K) logits (or (N, K + 1): the unknown output is ignored) -> (N,) labels."""
+        return self.predict_known(logits)
 
     def target_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         predicted = self.predict(logits)

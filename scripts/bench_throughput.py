@@ -39,8 +39,8 @@ from da_runner.config_tree import initialize_configs
 from da_runner.data import BatchStream, build_pair
 from da_runner.data.files import ImageFileDomain, default_num_workers
 from da_runner.methods import build_method
-from da_runner.methods.dann import domain_loss_and_acc
 from da_runner.nn.grl import grad_reverse
+from da_runner.nn.losses import domain_labels, domain_loss_and_acc
 from da_runner.trainer import seed_everything, train
 
 
@@ -94,7 +94,7 @@ def bare_loop_steps_per_s(cfg, steps: int, warmup: int = 10) -> float:
         if adversarial:
             f = method.features(torch.cat([x_s, x_t]))
             loss = F.cross_entropy(method.classifier(f[: len(x_s)]), y_s)
-            is_source = torch.cat([torch.ones(len(x_s), device=device), torch.zeros(len(x_t), device=device)])
+            is_source = domain_labels(len(x_s), len(x_t), device)
             loss = loss + domain_loss_and_acc(method.discriminator(grad_reverse(f, 1.0)), is_source)[0]
         else:
             loss = F.cross_entropy(method.classifier(method.features(x_s)), y_s)

@@ -28,7 +28,7 @@ from da_runner.methods.base import Batch, Method, StepContext, build_optimizer
 from da_runner.methods.registry import register
 from da_runner.nn.backbones import build_features
 from da_runner.nn.heads import mlp_head
-from da_runner.nn.losses import domain_loss_and_acc
+from da_runner.nn.losses import domain_labels, domain_loss_and_acc
 
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -65,8 +65,7 @@ class ADDA(Method):
             self.target_features.load_state_dict(self.features.state_dict())
             self.stage2_started.fill_(True)
         n_s = len(batch.x_s)
-        is_source = torch.zeros(n_s + len(batch.x_t), device=batch.x_s.device)
-        is_source[:n_s] = 1.0
+        is_source = domain_labels(n_s, len(batch.x_t), batch.x_s.device)
 
         # Discriminator: source features (frozen encoder) -> 1, target features -> 0.
         with torch.no_grad():

@@ -32,7 +32,7 @@ from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 from da_runner.nn.grl import grad_reverse
 from da_runner.nn.heads import domain_head
-from da_runner.nn.losses import bsp_penalty, domain_loss_and_acc
+from da_runner.nn.losses import bsp_penalty, domain_labels, domain_loss_and_acc
 
 
 @register("dann", "dann_bsp")
@@ -70,8 +70,7 @@ class DANN(Method):
     def step(self, batch: Batch, ctx: StepContext):
         n_s, f, logits, loss_cls = self.forward_both(batch)
 
-        is_source = torch.zeros(len(f), device=f.device)
-        is_source[:n_s] = 1.0
+        is_source = domain_labels(n_s, len(f) - n_s, f.device)
         domain_logits = self.apply_per_domain(self.discriminator,
                                               grad_reverse(self.adversary_input(f, logits), ctx.grl_lambda), n_s)
         weights, loss_weighting, terms = self.domain_weights(f, logits, batch, ctx)

@@ -30,7 +30,7 @@ from da_runner.methods.base import Batch, StepContext
 from da_runner.methods.dann import DANN
 from da_runner.methods.registry import register
 from da_runner.nn.heads import domain_head
-from da_runner.nn.losses import domain_loss_and_acc
+from da_runner.nn.losses import domain_labels, domain_loss_and_acc
 
 
 def importance_weights(p_source: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,7 @@ class IWAN(DANN):
 
     def domain_weights(self, f: torch.Tensor, logits: torch.Tensor, batch: Batch, ctx: StepContext):
         n_s = len(batch.x_s)
-        is_source = torch.zeros(len(f), device=f.device)
-        is_source[:n_s] = 1.0
+        is_source = domain_labels(n_s, len(f) - n_s, f.device)
         d_logits = self.apply_per_domain(self.importance_discriminator, f.detach(), n_s)
         loss_importance, importance_acc = domain_loss_and_acc(d_logits, is_source)
         w_s = importance_weights(torch.sigmoid(d_logits[:n_s].detach().float().squeeze(1)))

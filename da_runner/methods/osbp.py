@@ -47,7 +47,6 @@ def unknown_bce(logits_t: torch.Tensor, t: float) -> torch.Tensor:
 class OSBP(Method):
     def __init__(self, cfg, input_shape, num_classes):
         super().__init__(cfg, input_shape, num_classes + 1)  # the K known classes and unknown (label K)
-        self.num_known = num_classes
         self.unknown_target = float(cfg.method.get("unknown_target", 0.5))
         if not 0.0 < self.unknown_target < 1.0:
             raise UserError(f"method.unknown_target must be in (0, 1), got {self.unknown_target}")

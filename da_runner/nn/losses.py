@@ -38,6 +38,14 @@ def in_float32(loss_fn):
     return wrapper
 
 
+def domain_labels(n_s: int, n_t: int, device=None) -> torch.Tensor:
+    """The domain targets of a batch of n_s source rows followed by n_t target rows: (n_s + n_t,) float,
+    1 for source and 0 for target (what `domain_loss_and_acc` takes as `is_source`)."""
+    is_source = torch.zeros(n_s + n_t, device=device)
+    is_source[:n_s] = 1.0
+    return is_source
+
+
 def domain_loss_and_acc(logits: torch.Tensor, is_source: torch.Tensor,
                         weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Domain discriminator loss and accuracy.
