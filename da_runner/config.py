@@ -59,6 +59,14 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.channels_last must be true or false, got {cfg.trainer.channels_last!r}")
     if not isinstance(cfg.trainer.get("compile", False), bool):
         raise UserError(f"trainer.compile must be true or false, got {cfg.trainer.compile!r}")
+    ema = cfg.trainer.get("ema")
+    if ema is not None and (not _is_number(ema) or not 0 < ema < 1):
+        raise UserError(f"trainer.ema must be null (off) or a decay in (0, 1), e.g. 0.999, got {ema!r}")
+    ema_select = cfg.trainer.get("ema_select", False)
+    if not isinstance(ema_select, bool):
+        raise UserError(f"trainer.ema_select must be true or false, got {ema_select!r}")
+    if ema_select and ema is None:
+        raise UserError("trainer.ema_select=true needs a weight average to select by: set trainer.ema (e.g. 0.999)")
     if not _is_int(cfg.trainer.validation_samples) or cfg.trainer.validation_samples < 2:
         raise UserError(f"trainer.validation_samples must be an integer >= 2, got {cfg.trainer.validation_samples!r}")
     for key, value in cfg.method.items():  # the loss weights and gradient scales of every method

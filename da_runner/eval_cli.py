@@ -1,10 +1,12 @@
-"""`da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto]`
+"""`da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto] [weights=auto]`
 
 Evaluates a checkpoint on the held-out source split and the target test split of the pair it was
 trained on (or of another pair, `data=...`): accuracy, per-class accuracy and the confusion matrix
 (rows: true class, columns: predicted) of each, and the target metrics of the pair's setting
 (docs/settings.md; an open-set pair's `unknown` is the last class), printed and written as JSON
-(default: next to the checkpoint, `<run dir>/eval_<checkpoint>_<pair>.json`).
+(default: next to the checkpoint, `<run dir>/eval_<checkpoint>_<pair>.json`). A run trained with
+`trainer.ema` holds two sets of weights: `weights=raw` evaluates the trained ones, `weights=ema`
+their moving average, `weights=auto` (default) those the run selected by (`trainer.ema_select`).
 
     da-eval ckpt=outputs/2026-11-23/10-00-00_dann_embedded_digits/checkpoints/best.pt
     da-eval ckpt=.../best.pt data=mnist_mnistm data.root=/data
@@ -19,7 +21,9 @@ from omegaconf import OmegaConf
 
 from da_runner.errors import UserError
 
-USAGE = "usage: da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto|cpu|cuda]"
+USAGE = ("usage: da-eval ckpt=<path> [data=<pair>] [data.<key>=<value> ...] [out=<file.json>] [device=auto|cpu|cuda] "
+         "[weights=auto|raw|ema]")
+WEIGHTS = ("auto", "raw", "ema")
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
@@ -31,12 +35,14 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
             raise UserError(f"arguments are key=value, got {arg!r}\n{USAGE}")
         if key == "data" or key.startswith("data."):
             data_overrides.append(arg)
-        elif key in ("ckpt", "out", "device", "batch_size"):
+        elif key in ("ckpt", "out", "device", "batch_size", "weights"):
             options[key] = value
         else:
             raise UserError(f"unknown argument {key!r}\n{USAGE}")
     if "ckpt" not in options:
         raise UserError(f"ckpt=<path> is required\n{USAGE}")
+    if options.get("weights", "auto") not in WEIGHTS:
+        raise UserError(f"weights must be one of {', '.join(WEIGHTS)}, got {options['weights']!r}")
     return options, data_overrides
 
 
@@ -80,7 +86,8 @@ def format_report(name: str, report: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "auto", batch_size: int = 1024) -> dict:
+def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "auto", batch_size: int = 1024,
+                        weights: str = "auto") -> dict:
     from hydra import compose
     from hydra.errors import HydraException
 
@@ -88,6 +95,7 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
     from da_runner.config import resolve_device
     from da_runner.config_tree import initialize_configs
     from da_runner.data import build_pair
+    from da_runner.ema import WeightAverage
     from da_runner.methods import build_method
     from da_runner.nn.backbones import without_initial_weights
     from da_runner.tasks import build_task
@@ -109,11 +117,19 @@ def evaluate_checkpoint(ckpt: Path, data_overrides: list[str], device: str = "au
     except RuntimeError as err:  # e.g. 3-channel weights on 1-channel data
         raise UserError(f"the checkpoint's model does not fit data={pair.name} (inputs {pair.input_shape}, "
                         f"{pair.num_classes} classes): {str(err).splitlines()[0]}") from err
+    if weights == "auto":
+        weights = state.get("selected_weights", "raw")
+    if weights == "ema":
+        if state.get("ema") is None:
+            raise UserError(f"weights=ema: {ckpt} holds no weight average (the run had trainer.ema=null)")
+        average = WeightAverage(method, state["ema"]["decay"])
+        average.load_state_dict(state["ema"])
+        method.load_state_dict(average.average)
     method.to(resolve_device(device))
     task = build_task(pair, cfg.data)
     return {
         "checkpoint": str(ckpt), "step": state["step"], "method": cfg.method.name, "data": pair.name,
-        "setting": task.setting,
+        "setting": task.setting, "weights": weights,
         "source_val": domain_report(method, pair.source_val, task, batch_size),
         "target_test": domain_report(method, pair.target_test, task, batch_size, target=True),
     }
@@ -128,11 +144,11 @@ def main(argv=None) -> int:
         options, data_overrides = parse_args(argv)
         ckpt = Path(options["ckpt"])
         result = evaluate_checkpoint(ckpt, data_overrides, options.get("device", "auto"),
-                                     int(options.get("batch_size", 1024)))
+                                     int(options.get("batch_size", 1024)), options.get("weights", "auto"))
     except UserError as err:
         print(f"da-eval: error: {err}", file=sys.stderr)
         return 1
-    print(f"{result['method']} checkpoint at step {result['step']} on {result['data']}")
+    print(f"{result['method']} checkpoint at step {result['step']} on {result['data']} ({result['weights']} weights)")
     print(format_report("source (held-out validation split)", result["source_val"]))
     print(format_report("target (test split)", result["target_test"]))
     out = Path(options["out"]) if "out" in options else ckpt.parent.parent / f"eval_{ckpt.stem}_{result['data']}.json"

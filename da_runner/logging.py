@@ -37,10 +37,16 @@ class RunLogger:
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
-    def evaluation(self, record: dict) -> None:
+    def evaluation(self, record: dict, ema: dict | None = None) -> None:
+        """One evaluation: eval/* scalars and a line of metrics.jsonl; `ema`, the evaluation of the
+        weight average (trainer.ema), goes to eval_ema/* and the line's "ema" entry."""
         self.scalars("eval", {k: v for k, v in record.items() if k != "step"}, record["step"])
+        line = dict(record)
+        if ema is not None:
+            line["ema"] = {k: v for k, v in ema.items() if k != "step"}
+            self.scalars("eval_ema", line["ema"], record["step"])
         with self.history_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(line) + "\n")
         self.writer.flush()
 
     def images(self, tag: str, images, step: int = 0) -> None:

@@ -18,6 +18,7 @@ from da_runner import validators as V
 from da_runner.analysis import log_decision_boundary, run_analysis
 from da_runner.config import differences, resolve_device, validate
 from da_runner.data import build_pair
+from da_runner.ema import WeightAverage
 from da_runner.errors import UserError
 from da_runner.evaluation import ValidationData, evaluate
 from da_runner.logging import RunLogger
@@ -120,6 +121,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         for module in method.children():
             module.compile()
     method.train()
+    # trainer.ema: a moving average of the weights, evaluated beside them (da_runner/ema.py); with
+    # trainer.ema_select the validators, best.pt and the oracle go by the average's evaluation.
+    ema = WeightAverage(method, float(tcfg.ema)) if tcfg.get("ema") is not None else None
+    ema_select = ema is not None and bool(tcfg.get("ema_select", False))
     if method.uses_target_labels:
         log.warning("method=%s trains on TARGET LABELS: an upper bound for comparison, not domain adaptation",
                     cfg.method.name)
@@ -136,13 +141,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     validator_names = task.validators(list(tcfg.validators), select)
     validation_data = ValidationData.of(pair, int(tcfg.validation_samples), seed=int(cfg.data.get("seed", 0)))
     start_step, picks, oracle, last_eval, train_time = 0, {}, None, None, 0.0
+    last_ema_eval = None
     if resumed is not None:
         method.load_checkpoint_state(resumed["method"])
         source.load_state_dict(resumed["streams"]["source"])
         target.load_state_dict(resumed["streams"]["target"])
         checkpoint.set_rng_state(resumed["rng"])
         start_step, picks, oracle, last_eval = resumed["step"], resumed["picks"], resumed["oracle"], resumed["last_eval"]
+        last_ema_eval = resumed.get("last_ema_eval")
         train_time = resumed["train_time_s"]
+        if ema is not None:
+            ema.load_state_dict(resumed["ema"])
         log.info("resuming %s from step %d of %d", run_dir, start_step, max_steps)
 
     def state_at(step: int) -> dict:
@@ -154,7 +163,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             "picks": picks,
             "oracle": oracle,
             "last_eval": last_eval,
+            "last_ema_eval": last_ema_eval,
             "train_time_s": train_time,
+            "ema": None if ema is None else ema.state_dict(),
+            "selected_weights": "ema" if ema_select else "raw",  # the weights da-eval evaluates by default
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
 
@@ -190,6 +202,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         # trainer.precision=bf16 | fp16: the step's forward passes in that dtype (Method.backward leaves autocast).
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             terms = method.step(batch, ctx)
+        if ema is not None:
+            ema.update()
         done = step + 1
         bar.update(1)
         loss_not_finite |= ~torch.isfinite(torch.as_tensor(terms["loss"]))
@@ -220,11 +234,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
             if eval_now:
                 last_eval = {"step": done, **evaluate(method, validation_data, task, validator_names,
                                                       int(tcfg.eval_batch_size))}
-                logger.evaluation(last_eval)
-                if select in update_picks(picks, last_eval, validator_names, task.metric_names):
+                if ema is not None:
+                    with ema.applied(method):
+                        last_ema_eval = {"step": done, **evaluate(method, validation_data, task, validator_names,
+                                                                  int(tcfg.eval_batch_size))}
+                logger.evaluation(last_eval, ema=last_ema_eval if ema is not None else None)
+                chosen = last_ema_eval if ema_select else last_eval
+                if select in update_picks(picks, chosen, validator_names, task.metric_names):
                     checkpoint.save(state_at(done), best_path)
-                if oracle is None or last_eval["target_acc"] > oracle["target_acc"]:
-                    oracle = {"step": done, "target_acc": last_eval["target_acc"]}
+                if oracle is None or chosen["target_acc"] > oracle["target_acc"]:
+                    oracle = {"step": done, "target_acc": chosen["target_acc"]}
                 if draw_boundary:  # 2-D data: the decision boundary at every evaluation (a slider in TensorBoard)
                     log_decision_boundary(method, pair, run_dir, logger, done, max_steps, cfg.method.name)
             if ckpt_now:
@@ -247,6 +266,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         "setting": task.setting,  # closed | partial | open_set: which target metrics follow
         "target_metrics": list(task.metric_names),
         **last_eval,  # source_acc, target_acc and the setting's target metrics (+ per-head accuracies)
+        # trainer.ema: the average's last evaluation; `selected_*` below are of the weights `select` looked at
+        **({"ema": {k: v for k, v in last_ema_eval.items() if k != "step"}} if ema is not None else {}),
+        "selected_weights": "ema" if ema_select else "raw",
         "selected_by": select,
         "selected_step": picks[select]["step"],
         "selected_source_acc": picks[select]["source_acc"],

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -130,9 +131,12 @@ def test_resume_keeps_the_saved_config(tmp_path):
     ("trainer.precision=fp8", "trainer.precision must be one of fp32, bf16, fp16, got 'fp8'"),
     ("trainer.channels_last=yes", "trainer.channels_last must be true or false, got 'yes'"),
     ("trainer.compile=1", "trainer.compile must be true or false, got 1"),
+    ("trainer.ema=1.0", "trainer.ema must be null (off) or a decay in (0, 1), e.g. 0.999, got 1.0"),
+    ("trainer.ema=abc", "trainer.ema must be null (off) or a decay in (0, 1), e.g. 0.999, got 'abc'"),
+    ("trainer.ema_select=true", "trainer.ema_select=true needs a weight average to select by"),
 ])
 def test_invalid_config_names_key_and_rule(tmp_path, override, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         train(make_cfg(*TINY_TOY, override), tmp_path)
 
 
