@@ -5,6 +5,7 @@ import numbers
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from da_runner.data.augment import LEVELS as AUGMENT_LEVELS
 from da_runner.data.classes import SETTINGS
 from da_runner.errors import UserError
 from da_runner.nn.backbones import TORCHVISION_RESNETS, check_timm_model, local_weights_file, torchvision_weights
@@ -59,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.channels_last must be true or false, got {cfg.trainer.channels_last!r}")
     if not isinstance(cfg.trainer.get("compile", False), bool):
         raise UserError(f"trainer.compile must be true or false, got {cfg.trainer.compile!r}")
+    augment = cfg.data.get("augment")
+    if augment is not None and augment not in AUGMENT_LEVELS:
+        raise UserError(f"data.augment must be one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}")
     ema = cfg.trainer.get("ema")
     if ema is not None and (not _is_number(ema) or not 0 < ema < 1):
         raise UserError(f"trainer.ema must be null (off) or a decay in (0, 1), e.g. 0.999, got {ema!r}")

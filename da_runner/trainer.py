@@ -131,8 +131,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     # Each domain's batches come from a generator of its own, so adding a method that draws random
     # numbers (dropout, random matrices) never changes which samples a run sees. The domain picks
     # its stream: batches by index from memory, or decoded from files by DataLoader workers.
-    source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1)
-    target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2)
+    # data.augment (none | weak | strong) applies to both domains' training batches; evaluation never augments.
+    augment = cfg.data.get("augment")
+    source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1, augment=augment)
+    target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2, augment=augment)
 
     # Label-free model selection: every validator in trainer.validators is computed at each evaluation
     # and remembers the evaluation it would choose; best.pt is the choice of trainer.select. Target

@@ -65,7 +65,7 @@ def plain_loader_batches(domain: ImageFileDomain, batch_size: int):
     """Endless (x, y) batches of a hand-written loop over image files: a plain DataLoader over the
     domain's files and training transform (shuffle, drop_last, its workers and pin_memory setting),
     iterated epoch after epoch; batches normalised on the device as the runner does."""
-    loader = domain.loader(train=True, batch_size=batch_size, shuffle=True, drop_last=True,
+    loader = domain.loader("weak", batch_size=batch_size, shuffle=True, drop_last=True,
                            persistent_workers=domain.num_workers > 0)
     for x, y in itertools.chain.from_iterable(itertools.repeat(loader)):
         yield domain.prepare(x), y.to(domain.device, non_blocking=True)

@@ -176,7 +176,7 @@ def test_evaluation_images_are_resized_square_centre_cropped_and_normalised(tmp_
     path = tmp_path / "a.png"
     write_image(path, np.random.default_rng(1), size=(40, 30))  # not square
     domain = one_image_domain(path, image_size=16, resize=20)
-    raw, _ = next(iter(domain.loader(train=False, batch_size=1)))
+    raw, _ = next(iter(domain.loader(batch_size=1)))
     # torchvision's Resize on a PIL image is PIL's bilinear resize; the centre 16x16 of 20x20 starts at 2
     resized = np.array(Image.open(path).convert("RGB").resize((20, 20), Image.BILINEAR))
     assert raw.dtype == torch.uint8 and torch.equal(raw[0], torch.from_numpy(resized[2:18, 2:18]).permute(2, 0, 1))
@@ -189,7 +189,7 @@ def test_evaluation_images_are_resized_square_centre_cropped_and_normalised(tmp_
 def test_training_crops_and_flips_come_from_the_sample_seed_only(tmp_path):
     path = tmp_path / "a.jpg"
     write_image(path, np.random.default_rng(2))
-    dataset = ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 36, train=True), 36)
+    dataset = ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 36, "weak"), 36)
     global_state = torch.get_rng_state()
     crops = [dataset[0, seed][0] for seed in range(8)]
     assert all(c.shape == (3, 16, 16) and c.dtype == torch.uint8 for c in crops)
@@ -200,7 +200,7 @@ def test_training_crops_and_flips_come_from_the_sample_seed_only(tmp_path):
     # seen on an image that is constant down each column, where only the flip and the crop's width matter
     stripes = np.repeat(np.arange(40, dtype=np.uint8)[None, :, None] * 6, 40, axis=0).repeat(3, axis=2)
     Image.fromarray(stripes).save(tmp_path / "stripes.png")
-    full = ImageFiles(np.array([str(tmp_path / "stripes.png")]), np.array([0]), image_transform(16, 40, True), 40)
+    full = ImageFiles(np.array([str(tmp_path / "stripes.png")]), np.array([0]), image_transform(16, 40, "weak"), 40)
     rows = [full[0, seed][0][0, 0].int() for seed in range(16)]
     assert any(bool((r[1:] <= r[:-1]).all()) and r[0] > r[-1] for r in rows)  # decreasing left to right: flipped
     assert any(bool((r[1:] >= r[:-1]).all()) and r[0] < r[-1] for r in rows)  # increasing: not flipped

@@ -40,8 +40,9 @@ class Domain(Protocol):
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential (inputs, labels) batches over the whole split, without augmentation (evaluation)."""
 
-    def stream(self, batch_size: int, seed: int) -> "BatchSource":
-        """A never-ending stream of random training batches; see `EpochOrder`."""
+    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "BatchSource":
+        """A never-ending stream of random training batches (see `EpochOrder`), augmented at level
+        `augment` (data.augment: none | weak | strong; None: the domain's default)."""
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Network inputs back to [0, 1] images (for pictures in TensorBoard)."""

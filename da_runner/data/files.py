@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from da_runner.data.augment import check_level
 from da_runner.data.domain import EpochOrder, sample_index
 from da_runner.data.memory import normalize_images, unnormalize_images
 
@@ -41,15 +42,19 @@ def default_num_workers() -> int:
     return min(4, cores)
 
 
-def image_transform(image_size: int, resize: int, train: bool):
-    """PIL image -> (3, image_size, image_size) uint8 tensor; random crop and flip when `train`."""
+def image_transform(image_size: int, resize: int, augment: str = "none"):
+    """PIL image -> (3, image_size, image_size) uint8 tensor. `augment` (data.augment): none, the
+    evaluation's resize and centre crop; weak, a random resized crop and a horizontal flip; strong,
+    weak followed by torchvision's RandAugment (two operations at magnitude 9, as in its paper)."""
     from torchvision.transforms import v2
 
     steps = [v2.Resize((resize, resize), antialias=True)]
-    if train:
-        steps += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-    else:
+    if check_level(augment) == "none":
         steps += [v2.CenterCrop(image_size)]
+    else:
+        steps += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        if augment == "strong":
+            steps += [v2.RandAugment(num_ops=2, magnitude=9)]
     return v2.Compose([*steps, v2.PILToTensor()])
 
 
@@ -150,10 +155,10 @@ class ImageFileDomain:
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         return unnormalize_images(x, self._mean, self._std)
 
-    def loader(self, train: bool, **kwargs) -> DataLoader:
-        """A DataLoader over the files with the training or the evaluation transform; kwargs choose
-        the batches (batch_size or batch_sampler)."""
-        dataset = ImageFiles(self.files, self.y.numpy(), image_transform(self.image_size, self.resize, train),
+    def loader(self, augment: str = "none", **kwargs) -> DataLoader:
+        """A DataLoader over the files with the transform of `augment` (none: the evaluation's);
+        kwargs choose the batches (batch_size or batch_sampler)."""
+        dataset = ImageFiles(self.files, self.y.numpy(), image_transform(self.image_size, self.resize, augment),
                              self.resize)
         return DataLoader(dataset, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and self.device.type == "cuda",
@@ -162,11 +167,13 @@ class ImageFileDomain:
                           generator=torch.Generator(), **kwargs)
 
     def batches(self, batch_size: int):
-        for x, y in self.loader(train=False, batch_size=batch_size):
+        for x, y in self.loader(batch_size=batch_size):
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
-    def stream(self, batch_size: int, seed: int) -> "FileBatchStream":
-        return FileBatchStream(self, batch_size, seed)
+    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "FileBatchStream":
+        """Training batches; `augment` (data.augment, None: weak, the random crop and flip) picks
+        the training transform (`image_transform`)."""
+        return FileBatchStream(self, batch_size, seed, check_level(augment or "weak"))
 
 
 class FileBatchStream:
@@ -178,12 +185,12 @@ class FileBatchStream:
     the loaded position (the workers stay: they are persistent).
     """
 
-    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int):
+    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int, augment: str = "weak"):
         self.domain = domain
         # The sampler owns the position and the stream reaches it through the loader: no reference
         # cycle, so a dropped stream shuts its workers down at once rather than at a later GC pass.
         keys = _SampleKeys(EpochOrder(len(domain), batch_size, seed), seed)
-        self.loader = domain.loader(train=True, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
+        self.loader = domain.loader(augment, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
         self._batches = None  # the loader's iterator, started at the first draw
 
     @property

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from da_runner.data.augment import augment, batch_seed, check_level
 from da_runner.data.domain import EpochOrder, sample_index, validation_size
+from da_runner.errors import UserError
 
 
 @dataclass
@@ -69,14 +71,25 @@ class InMemoryDomain:
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.prepare(self.x[index]), self.y[index]
 
+    def augmented_batch(self, index: torch.Tensor, level: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index`, augmented at `level` with the draws of `seed`, then normalised."""
+        images = augment(self.x[index].float().div_(255.0), level, seed)
+        return (images - self._mean) / self._std, self.y[index]
+
     def batches(self, batch_size: int):
         """Sequential batches over the whole domain, for evaluation."""
         for start in range(0, len(self), batch_size):
             index = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
             yield self.batch(index)
 
-    def stream(self, batch_size: int, seed: int) -> "BatchStream":
-        return BatchStream(self, batch_size, seed)
+    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "BatchStream":
+        """Training batches; `augment` (data.augment: none | weak | strong, None: none) is applied
+        on the device (da_runner/data/augment.py)."""
+        level = check_level(augment or "none")
+        if level != "none" and not self.is_image:
+            raise UserError(f"data.augment={level} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
+                            f"(use data.augment=none)")
+        return BatchStream(self, batch_size, seed, level)
 
 
 def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -92,19 +105,23 @@ def unnormalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -
 class BatchStream:
     """A never-ending stream of random batches from one in-memory domain, gathered by index in the
     order of an `EpochOrder` (a fresh permutation each epoch from the stream's own generator). Its
-    state goes into checkpoints so a resumed run draws exactly the same batches.
+    state goes into checkpoints so a resumed run draws exactly the same batches; the augmentation's
+    draws follow from the seed and the batch's place in the order, so they resume exactly too.
     """
 
-    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int):
-        self.domain = domain
+    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none"):
+        self.domain, self.seed, self.augment = domain, seed, augment
         self.order = EpochOrder(len(domain), batch_size, seed)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index, _, _ = self.order.next_batch()
-        return self.domain.batch(index.to(self.domain.x.device, non_blocking=True))
+        index, epoch, start = self.order.next_batch()
+        index = index.to(self.domain.x.device, non_blocking=True)
+        if self.augment == "none":
+            return self.domain.batch(index)
+        return self.domain.augmented_batch(index, self.augment, batch_seed(self.seed, epoch, start))
 
     def state_dict(self) -> dict:
         return self.order.state_dict()

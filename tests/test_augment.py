@@ -1,0 +1,166 @@
+"""data.augment: the device-side augmentation of in-memory images (shapes, ranges, the operations
+against hand computations, determinism per seed, exact resume) and the file-backed transforms."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from da_runner.data import InMemoryDomain
+from da_runner.data.augment import (COLOR_OPERATIONS, LEVELS, affine_matrices, apply_affine, augment, batch_seed,
+                                    cutout)
+from da_runner.data.files import ImageFiles, image_transform
+from da_runner.errors import UserError
+from da_runner.methods import METHODS
+from da_runner.trainer import train
+from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg
+from test_trainer import Crash
+
+
+def images(n=16, channels=3, size=28, seed=0):
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_level_keeps_shape_and_range_and_is_a_function_of_the_seed(level, channels):
+    x = images(channels=channels)
+    out = augment(x.clone(), level, seed=7)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out, augment(x.clone(), level, seed=7))
+    if level == "none":
+        assert torch.equal(out, x)
+    else:
+        assert not torch.equal(out, x) and not torch.equal(out, augment(x.clone(), level, seed=8))
+
+
+def test_an_integer_shift_moves_the_image_by_whole_pixels():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 10, 12] = 1.0
+    # shift = (2/28, -3/28) of the size: output pixel p reads input p + shift, so the dot moves by -shift
+    out = apply_affine(x, affine_matrices(1, shift=torch.tensor([[2 / 28, -3 / 28]])))
+    assert out[0, 0].argmax().item() == (10 + 3) * 28 + (12 - 2)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_quarter_turn_rotates_the_image():
+    x = images(1, 1, size=8)
+    out = apply_affine(x, affine_matrices(1, shift=torch.zeros(1, 2), angle_deg=torch.tensor([90.0])))
+    assert torch.allclose(out, torch.rot90(x, k=1, dims=(2, 3)), atol=1e-5) or \
+        torch.allclose(out, torch.rot90(x, k=-1, dims=(2, 3)), atol=1e-5)
+
+
+def test_weak_is_a_translation_within_an_eighth_of_the_size():
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, 0, 16, 16] = 1.0
+    out = augment(x, "weak", seed=3)
+    rows, cols = out[:, 0].flatten(1).argmax(1) // 32, out[:, 0].flatten(1).argmax(1) % 32
+    assert ((rows - 16).abs() <= 4).all() and ((cols - 16).abs() <= 4).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # the shifts differ from sample to sample
+
+
+def test_colour_operations_against_hand_computations():
+    x = torch.tensor([0.1, 0.4, 0.6, 0.9]).view(1, 1, 2, 2)
+    one = torch.ones(1)
+    # solarize at magnitude 0.5: values above the threshold 0.5 are inverted
+    assert torch.allclose(COLOR_OPERATIONS["solarize"](x, 0.5 * one, one), torch.tensor([0.1, 0.4, 0.4, 0.1]).view(1, 1, 2, 2))
+    assert torch.equal(COLOR_OPERATIONS["solarize"](x, 0 * one, one), x)  # magnitude 0 inverts nothing
+    # brightness: blend with black, factor 0.5 halves
+    assert torch.allclose(COLOR_OPERATIONS["brightness"](x, one, 0.5 * one), x / 2)
+    # contrast: blend with the mean grey (0.5 here), factor 2 doubles the distance, clipped to [0, 1]
+    expected = (0.5 + 2 * (x - 0.5)).clamp(0, 1)
+    assert torch.allclose(COLOR_OPERATIONS["contrast"](x, one, 2 * one), expected)
+    # autocontrast stretches [0.1, 0.9] to [0, 1]
+    assert torch.allclose(COLOR_OPERATIONS["autocontrast"](x, one, one), (x - 0.1) / 0.8)
+    # posterize at magnitude 1 keeps 4 bits: multiples of 16 / 255
+    levels = COLOR_OPERATIONS["posterize"](x, one, one) * 255
+    assert torch.allclose(levels, torch.tensor([16.0, 96.0, 144.0, 224.0]).view(1, 1, 2, 2))
+    # colour on a grey image changes nothing (it is its own luma)
+    grey = images(2, 1).expand(-1, 3, -1, -1).contiguous()
+    assert torch.allclose(COLOR_OPERATIONS["color"](grey, one.repeat(2), 0.2 * one.repeat(2)), grey, atol=1e-6)
+
+
+def test_cutout_paints_a_grey_square_of_the_drawn_side():
+    x = torch.zeros(1, 3, 20, 20)
+    out = cutout(x, center=torch.tensor([[0.5, 0.5]]), side=torch.tensor([0.4]))
+    painted = out[0, 0] == 0.5
+    assert painted.sum().item() == 8 * 8 and painted[6:14, 6:14].all()
+
+
+def test_batch_seeds_differ_by_stream_epoch_and_position():
+    seeds = {batch_seed(s, e, p) for s in (1, 2) for e in (1, 2) for p in (0, 64)}
+    assert len(seeds) == 8 and batch_seed(1, 1, 0) == batch_seed(1, 1, 0)
+
+
+def test_an_augmented_stream_resumes_exactly():
+    domain = InMemoryDomain((images(40) * 255).to(torch.uint8), torch.arange(40))
+    stream = domain.stream(8, seed=5, augment="strong")
+    for _ in range(3):
+        next(stream)
+    state = stream.state_dict()
+    ahead = [next(stream) for _ in range(7)]  # crosses an epoch
+    other = domain.stream(8, seed=5, augment="strong")
+    other.load_state_dict(state)
+    for (x_a, y_a), (x_b, y_b) in zip(ahead, [next(other) for _ in range(7)]):
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b)
+    plain = domain.stream(8, seed=5)
+    x_plain, y_plain = next(plain)
+    x_aug, y_aug = next(domain.stream(8, seed=5, augment="weak"))
+    assert torch.equal(y_plain, y_aug) and not torch.equal(x_plain, x_aug)  # same samples, augmented
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_same_draws_on_cpu_and_gpu():
+    x = images(32)
+    for level in ("weak", "strong"):
+        assert torch.allclose(augment(x.clone(), level, 11), augment(x.cuda(), level, 11).cpu(), atol=1e-4)
+
+
+def test_feature_data_refuses_augmentation(tmp_path):
+    with pytest.raises(UserError, match="data.augment=weak needs images"):
+        train(make_cfg(*TINY_TOY, "trainer.max_steps=2", "data.augment=weak"), tmp_path)
+
+
+def test_an_unknown_level_names_key_and_choices(tmp_path):
+    with pytest.raises(UserError, match="data.augment must be one of none, weak, strong, got 'heavy'"):
+        train(make_cfg(*TINY_DIGITS, "trainer.max_steps=2", "data.augment=heavy"), tmp_path)
+
+
+def test_augmentation_changes_training_and_a_run_resumes_exactly(tmp_path, monkeypatch):
+    args = [*TINY_DIGITS, "method=dann", "trainer.max_steps=10", "trainer.eval_every=5", "trainer.ckpt_every=4"]
+    plain = train(make_cfg(*args), tmp_path / "plain")
+    reference = train(make_cfg(*args, "data.augment=strong"), tmp_path / "ref")
+    w_plain = load_ckpt(tmp_path / "plain" / "checkpoints" / "last.pt")["method"]["modules"]
+    w_ref = load_ckpt(tmp_path / "ref" / "checkpoints" / "last.pt")["method"]["modules"]
+    assert any(not torch.equal(w_plain[k], w_ref[k]) for k in w_plain)
+    assert plain["step"] == reference["step"] == 10
+
+    original_step = METHODS["dann"].step
+
+    def crashing_step(self, batch, ctx):
+        if ctx.step == 6:
+            raise Crash
+        return original_step(self, batch, ctx)
+
+    monkeypatch.setattr(METHODS["dann"], "step", crashing_step)
+    with pytest.raises(Crash):
+        train(make_cfg(*args, "data.augment=strong"), tmp_path / "run")
+    monkeypatch.setattr(METHODS["dann"], "step", original_step)
+    resumed = train(make_cfg(*args, "data.augment=strong", "resume=true"), tmp_path / "run")
+    w_run = load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["method"]["modules"]
+    assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+    assert resumed["target_acc"] == reference["target_acc"]
+
+
+def test_file_transforms_by_level(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    def draws(level):
+        dataset = ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 20, level), 20)
+        return [dataset[0, seed][0] for seed in range(6)]
+    none, weak, strong = draws("none"), draws("weak"), draws("strong")
+    evaluation = ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 20), 20)[0][0]
+    assert all(torch.equal(x, evaluation) for x in none)  # none: the evaluation's centre crop
+    assert len({x.numpy().tobytes() for x in weak}) == 6
+    assert all(not torch.equal(w, s) for w, s in zip(weak, strong))  # RandAugment on top of the same crops
