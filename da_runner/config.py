@@ -76,6 +76,9 @@ def validate(cfg: DictConfig) -> None:
     for key, value in cfg.method.items():  # the loss weights and gradient scales of every method
         if (key.endswith(("_weight", "_scale")) or key == "trade_off") and (not _is_number(value) or value < 0):
             raise UserError(f"method.{key} must be a number >= 0, got {value!r}")
+    threshold = cfg.method.get("fixmatch_threshold")
+    if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
+        raise UserError(f"method.fixmatch_threshold must be a probability in (0, 1], got {threshold!r}")
     if not _is_number(cfg.grl.hi):
         raise UserError(f"grl.hi must be a number, got {cfg.grl.hi!r}")
     if cfg.grl.name not in GRL_SCHEDULES:

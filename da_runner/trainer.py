@@ -196,11 +196,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
                     group["lr"] = ctx.lr * group["lr_mult"]
 
         x_s, y_s = next(source)
-        x_t, y_t = next(target)
+        x_t_strong = None
+        if method.wants_strong_target_view:  # FixMatch: the same target images at data.augment's `strong` level too
+            (x_t, x_t_strong), y_t = target.next_views((augment or "none", "strong"))
+        else:
+            x_t, y_t = next(target)
         if channels_last:
             x_s, x_t = x_s.contiguous(memory_format=torch.channels_last), x_t.contiguous(memory_format=torch.channels_last)
+            if x_t_strong is not None:
+                x_t_strong = x_t_strong.contiguous(memory_format=torch.channels_last)
         # Target labels are dropped here for every UDA method; only an oracle may see them.
-        batch = Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if method.uses_target_labels else None)
+        batch = Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if method.uses_target_labels else None, x_t_strong=x_t_strong)
         # trainer.precision=bf16 | fp16: the step's forward passes in that dtype (Method.backward leaves autocast).
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             terms = method.step(batch, ctx)

@@ -41,9 +41,11 @@ MAX_ENHANCE = 0.9      # brightness / colour / contrast / sharpness factors lie 
 MAX_CUTOUT = 0.5       # largest Cutout side, as a fraction of the image side
 
 
-def batch_seed(stream_seed: int, epoch: int, position: int) -> int:
-    """The seed of the augmentation of the batch that starts at `position` of epoch `epoch`."""
-    return int(np.random.SeedSequence([stream_seed % 2**64, epoch, position, 0xA06]).generate_state(1, np.uint64)[0])
+def batch_seed(stream_seed: int, epoch: int, position: int, view: int = 0) -> int:
+    """The seed of the augmentation of the batch that starts at `position` of epoch `epoch` (`view`:
+    which of several augmented views of the same batch)."""
+    entropy = [stream_seed % 2**64, epoch, position, 0xA06, view]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
 
 
 def check_level(level: str) -> str:

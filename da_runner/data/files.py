@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from da_runner.data.augment import check_level
 from da_runner.data.domain import EpochOrder, sample_index
+from da_runner.errors import UserError
 from da_runner.data.memory import normalize_images, unnormalize_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -206,6 +207,10 @@ class FileBatchStream:
         x, y = next(self._batches)
         self.order.next_batch()
         return self.domain.prepare(x), y.to(self.domain.device, non_blocking=True)
+
+    def next_views(self, levels: tuple[str, ...]):
+        raise UserError("methods that train on several augmented views of each target image (fixmatch, "
+                        "method.fixmatch_weight > 0) need in-memory data for now; image files give one view per sample")
 
     def state_dict(self) -> dict:
         return {**self.order.state_dict(), "seed": self.loader.batch_sampler.seed}

@@ -16,7 +16,7 @@ from torch import nn
 from da_runner.errors import UserError
 from da_runner.nn.backbones import FeatureExtractor, build_features
 from da_runner.nn.heads import label_head
-from da_runner.nn.losses import bnm_loss, class_balance_loss, entropy_loss
+from da_runner.nn.losses import bnm_loss, class_balance_loss, entropy_loss, fixmatch_loss
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,16 @@ class Batch:
     """One training batch: labelled source and unlabelled target.
 
     Target labels (y_t) reach only a method that declares `uses_target_labels` (the oracle); for
-    every UDA method they are None.
+    every UDA method they are None. `x_t_strong`, a strongly augmented view of the same target
+    samples as x_t (data.augment level `strong`), is there only for a method whose
+    `wants_strong_target_view` is true (FixMatch's term).
     """
 
     x_s: torch.Tensor
     y_s: torch.Tensor
     x_t: torch.Tensor
     y_t: torch.Tensor | None = None
+    x_t_strong: torch.Tensor | None = None
 
 
 def build_optimizer(param_groups, cfg) -> torch.optim.Optimizer:
@@ -105,6 +108,12 @@ class Method(nn.Module):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # trainer.precision=fp16 replaces it with an enabled one; disabled, it passes losses and steps through.
         self.grad_scaler = torch.amp.GradScaler(enabled=False)
+
+    @property
+    def wants_strong_target_view(self) -> bool:
+        """True when the method's loss needs `Batch.x_t_strong` (FixMatch's term is on): the trainer
+        then draws the strong view of every target batch too."""
+        return float(self.cfg.method.get("fixmatch_weight", 0.0)) > 0
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:
         """Param groups of `modules` (default: the whole method) with `optim.lr_mult`'s multipliers."""
@@ -182,13 +191,16 @@ class Method(nn.Module):
         """The weight of the method's adaptation term: `method.trade_off` times `ramp(ctx)`."""
         return float(self.cfg.method.get("trade_off", 1.0)) * self.ramp(ctx)
 
-    def target_prediction_terms(self, logits_t: torch.Tensor,
-                                ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Entropy minimisation, BNM and the class-balance (diversity) term on the target predictions,
-        weighted by `method.entropy_weight`, `method.bnm_weight` and `method.balance_weight` (0 or
-        absent = off) times `ramp(ctx)`. Entropy plus balance is information maximisation (IM).
+    def target_prediction_terms(self, logits_t: torch.Tensor, ctx: StepContext,
+                                batch: Batch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Entropy minimisation, BNM, the class-balance (diversity) term and FixMatch's term on the
+        target predictions, weighted by `method.entropy_weight`, `method.bnm_weight`,
+        `method.balance_weight` and `method.fixmatch_weight` (0 or absent = off) times `ramp(ctx)`.
+        Entropy plus balance is information maximisation (IM). FixMatch's term (`fixmatch_loss`)
+        takes the pseudo-labels from `logits_t` and trains the classifier on `batch.x_t_strong`.
         Returns the weighted sum to add to the loss and the unweighted terms to log (`loss_entropy`,
-        `loss_bnm`, `loss_balance`)."""
+        `loss_bnm`, `loss_balance`, `loss_fixmatch` and `fixmatch_mask`, the share of target samples
+        confident enough to be pseudo-labelled)."""
         total, terms = torch.zeros((), device=logits_t.device), {}
         for name, weight_key, loss_fn in (("loss_entropy", "entropy_weight", entropy_loss),
                                           ("loss_bnm", "bnm_weight", bnm_loss),
@@ -198,6 +210,12 @@ class Method(nn.Module):
                 term = loss_fn(logits_t)
                 total = total + weight * self.ramp(ctx) * term
                 terms[name] = term.detach()
+        fixmatch_weight = float(self.cfg.method.get("fixmatch_weight", 0.0))
+        if fixmatch_weight > 0:
+            logits_strong = self.classifier(self.features(batch.x_t_strong))
+            term, kept = fixmatch_loss(logits_t, logits_strong, float(self.cfg.method.fixmatch_threshold))
+            total = total + fixmatch_weight * self.ramp(ctx) * term
+            terms.update(loss_fixmatch=term.detach(), fixmatch_mask=kept)
         return total, terms
 
     def checkpoint_state(self) -> dict:
@@ -262,7 +280,7 @@ class LossTermMethod(Method):
             term, logs = adaptation
             loss = loss + self.trade_off(ctx) * term
             terms.update({k: v.detach() for k, v in logs.items()})
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx)
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch)
         loss = loss + loss_target_predictions
         terms.update(target_terms)
         self.optimizer_step(self.optimizers["main"], loss)

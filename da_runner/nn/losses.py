@@ -247,6 +247,24 @@ def mcc_loss(logits_t: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
     return (confusion.sum() - confusion.trace()) / num_classes
 
 
+@in_float32
+def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor,
+                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled loss (Sohn et al., NeurIPS 2020): the class predicted on the weak view
+    of each sample is the pseudo-label of its strong view, kept where the weak prediction's
+    probability reaches `threshold`:
+
+        mean_i 1[max_k p_ik >= threshold] * CE(logits_strong_i, argmax_k p_ik),  p = softmax(logits_weak)
+
+    (a mean over all N samples, masked ones counting 0, as in the paper). No gradient flows
+    through the weak view. Returns the loss and the fraction of samples kept. (N, C), (N, C) -> scalars."""
+    with torch.no_grad():
+        confidence, pseudo_labels = F.softmax(logits_weak.detach(), dim=1).max(dim=1)
+        mask = (confidence >= threshold).float()
+    loss = (F.cross_entropy(logits_strong, pseudo_labels, reduction="none") * mask).mean()
+    return loss, mask.mean()
+
+
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
     """Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004): mean prediction entropy (nats). (N, C) -> scalar."""
     return entropy(F.softmax(logits, dim=1)).mean()
