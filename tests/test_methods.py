@@ -95,8 +95,19 @@ def test_source_only_ignores_the_target():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-# Options that make a method use all of its parts within a few steps.
-SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"]}
+# Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled).
+SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"]}
+
+
+def next_batch(method, src, tgt) -> Batch:
+    """The trainer's batch: target labels for the oracle only, a strong target view for FixMatch."""
+    x_s, y_s = next(src)
+    x_t_strong = None
+    if method.wants_strong_target_view:
+        (x_t, x_t_strong), y_t = tgt.next_views(("weak", "strong"))
+    else:
+        x_t, y_t = next(tgt)
+    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, x_t_strong)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -106,11 +117,12 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     cfg = make_cfg(f"method={name}", *SHORT_RUN_OPTIONS.get(name, []), *(TINY_DIGITS if data == "digits" else TINY_TOY))
     pair = build_pair(cfg.data)
     method = build_method(cfg, pair.input_shape, pair.num_classes)
+    if method.wants_strong_target_view and not pair.is_image:
+        pytest.skip("augmented views need images")
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
     for step in range(5):
-        (x_s, y_s), (x_t, y_t) = next(src), next(tgt)
-        out = method.step(Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None), ctx(step=step, lr=0.01))
+        out = method.step(next_batch(method, src, tgt), ctx(step=step, lr=0.01))
         assert "loss" in out and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     changed = [n for n, p in method.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)  # every parameter moved
@@ -132,9 +144,9 @@ def test_every_method_trains_under_mixed_precision(name, dtype):
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
     for step in range(5):
-        (x_s, y_s), (x_t, y_t) = next(src), next(tgt)
+        batch = next_batch(method, src, tgt)
         with torch.autocast("cpu", dtype=dtype):
-            out = method.step(Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None), ctx(step=step, lr=0.01))
+            out = method.step(batch, ctx(step=step, lr=0.01))
         assert all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     assert [n for n, p in method.named_parameters() if not torch.equal(p, before[n])] == list(before)
     assert {p.dtype for p in method.parameters()} == {torch.float32}
