@@ -52,6 +52,31 @@ def run_cli(args, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProce
                           timeout=timeout)
 
 
+class Crash(Exception):
+    """Raised by a method's step to stand for a crash mid-run."""
+
+
+def crash_and_resume(monkeypatch, method_name: str, crash_at: int, args, run_dir):
+    """Train the config of `args` in run_dir until method `method_name`'s step `crash_at` crashes,
+    then resume it (`resume=true`) to the end; returns the resumed run's final metrics."""
+    from da_runner.methods import METHODS
+    from da_runner.trainer import train
+
+    method_class = METHODS[method_name]
+    original_step = method_class.step
+
+    def crashing_step(self, batch, ctx):
+        if ctx.step == crash_at:
+            raise Crash
+        return original_step(self, batch, ctx)
+
+    monkeypatch.setattr(method_class, "step", crashing_step)
+    with pytest.raises(Crash):
+        train(make_cfg(*args), run_dir)
+    monkeypatch.setattr(method_class, "step", original_step)
+    return train(make_cfg(*args, "resume=true"), run_dir)
+
+
 def read_metrics(run_dir) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 

@@ -11,10 +11,8 @@ from da_runner.data.augment import (COLOR_OPERATIONS, LEVELS, affine_matrices, a
                                     cutout)
 from da_runner.data.files import ImageFiles, image_transform
 from da_runner.errors import UserError
-from da_runner.methods import METHODS
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg
-from test_trainer import Crash
+from conftest import TINY_DIGITS, TINY_TOY, crash_and_resume, load_ckpt, make_cfg
 
 
 def images(n=16, channels=3, size=28, seed=0):
@@ -136,18 +134,7 @@ def test_augmentation_changes_training_and_a_run_resumes_exactly(tmp_path, monke
     assert any(not torch.equal(w_plain[k], w_ref[k]) for k in w_plain)
     assert plain["step"] == reference["step"] == 10
 
-    original_step = METHODS["dann"].step
-
-    def crashing_step(self, batch, ctx):
-        if ctx.step == 6:
-            raise Crash
-        return original_step(self, batch, ctx)
-
-    monkeypatch.setattr(METHODS["dann"], "step", crashing_step)
-    with pytest.raises(Crash):
-        train(make_cfg(*args, "data.augment=strong"), tmp_path / "run")
-    monkeypatch.setattr(METHODS["dann"], "step", original_step)
-    resumed = train(make_cfg(*args, "data.augment=strong", "resume=true"), tmp_path / "run")
+    resumed = crash_and_resume(monkeypatch, "dann", 6, [*args, "data.augment=strong"], tmp_path / "run")
     w_run = load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["method"]["modules"]
     assert all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
     assert resumed["target_acc"] == reference["target_acc"]

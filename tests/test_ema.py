@@ -9,10 +9,9 @@ from torch import nn
 
 from da_runner.ema import WeightAverage
 from da_runner.eval_cli import evaluate_checkpoint
-from da_runner.methods import METHODS
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, load_ckpt, make_cfg
-from test_trainer import Crash, scalar_tags
+from conftest import TINY_DIGITS, crash_and_resume, load_ckpt, make_cfg
+from test_trainer import scalar_tags
 
 
 def small_net():
@@ -109,18 +108,7 @@ def test_da_eval_refuses_ema_weights_of_a_run_without_them(tmp_path):
 def test_resume_restores_the_average_exactly(tmp_path, monkeypatch, name):
     args = [*EMA_RUN, f"method={name}", "method.pretrain_steps=6" if name == "adda" else "seed=0"]
     reference = train(make_cfg(*args), tmp_path / "ref")
-    original_step = METHODS[name].step
-
-    def crashing_step(self, batch, ctx):
-        if ctx.step == 9:
-            raise Crash
-        return original_step(self, batch, ctx)
-
-    monkeypatch.setattr(METHODS[name], "step", crashing_step)
-    with pytest.raises(Crash):
-        train(make_cfg(*args), tmp_path / "run")
-    monkeypatch.setattr(METHODS[name], "step", original_step)
-    resumed = train(make_cfg(*args, "resume=true"), tmp_path / "run")
+    resumed = crash_and_resume(monkeypatch, name, 9, args, tmp_path / "run")
     assert resumed["ema"] == reference["ema"]
     ref_ema = load_ckpt(tmp_path / "ref" / "checkpoints" / "last.pt")["ema"]["average"]
     new_ema = load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["ema"]["average"]

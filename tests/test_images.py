@@ -15,9 +15,8 @@ from da_runner.config import validate
 from da_runner.data import build_pair
 from da_runner.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFileDomain, ImageFiles, image_transform
 from da_runner.errors import MissingDataError, UserError
-from da_runner.methods import METHODS
 from da_runner.trainer import train
-from conftest import load_ckpt, make_cfg, run_cli
+from conftest import crash_and_resume, load_ckpt, make_cfg, run_cli
 from fake_images import (CLASSES, OFFICE31_SIZES, write_class_folders, write_domainnet, write_image,
                          write_office31, write_office_home, write_visda2017)
 
@@ -259,10 +258,6 @@ def test_file_stream_resumes_exactly_with_workers(ten_images):
     assert not all(torch.equal(x[i], other_epoch[index[i]]) for i in shared)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_training_on_image_files_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
     rng = np.random.default_rng(4)
     write_class_folders(tmp_path / "src", 12, rng)
@@ -273,19 +268,7 @@ def test_training_on_image_files_resumes_like_an_uninterrupted_run(tmp_path, mon
             "trainer.log_every=1", "trainer.eval_batch_size=8", "trainer.validation_samples=8",
             "trainer.progress=false", "trainer.analysis=false", "device=cpu"]
     reference = train(make_cfg(*args), tmp_path / "ref")
-
-    original_step = METHODS["dann"].step
-
-    def crashing_step(self, batch, ctx):
-        if ctx.step == 4:
-            raise Crash
-        return original_step(self, batch, ctx)
-
-    monkeypatch.setattr(METHODS["dann"], "step", crashing_step)
-    with pytest.raises(Crash):
-        train(make_cfg(*args), tmp_path / "run")
-    monkeypatch.setattr(METHODS["dann"], "step", original_step)
-    resumed = train(make_cfg(*args, "resume=true"), tmp_path / "run")
+    resumed = crash_and_resume(monkeypatch, "dann", 4, args, tmp_path / "run")
 
     assert resumed["target_acc"] == reference["target_acc"] and resumed["step"] == 6
     ref_modules = load_ckpt(tmp_path / "ref" / "checkpoints" / "last.pt")["method"]["modules"]

@@ -10,7 +10,7 @@ from da_runner.errors import UserError
 from da_runner.methods import METHODS, build_method
 import da_runner.trainer as trainer_module
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
+from conftest import TINY_DIGITS, TINY_TOY, Crash, load_ckpt, make_cfg, read_metrics
 
 REQUIRED_TAGS = ["train/loss", "train/loss_cls", "train/loss_domain", "train/domain_acc", "train/grl_lambda",
                  "train/lr", "eval/source_acc", "eval/target_acc"]
@@ -67,10 +67,6 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
     wa, wb, wc = (load_ckpt(tmp_path / r / "checkpoints" / "last.pt")["method"]["modules"] for r in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and a["target_acc"] == b["target_acc"]
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
-
-
-class Crash(Exception):
-    pass
 
 
 RESUME_CASES = [(name, 7) for name in sorted(METHODS)] + [("dann", 10), ("adda", 10)]
