@@ -56,9 +56,10 @@ class Crash(Exception):
     """Raised by a method's step to stand for a crash mid-run."""
 
 
-def crash_and_resume(monkeypatch, method_name: str, crash_at: int, args, run_dir):
+def crash_and_resume(monkeypatch, method_name: str, crash_at: int, args, run_dir, before_resume=None):
     """Train the config of `args` in run_dir until method `method_name`'s step `crash_at` crashes,
-    then resume it (`resume=true`) to the end; returns the resumed run's final metrics."""
+    calls `before_resume()` (checks on what the crash left), then resumes the run (`resume=true`)
+    to the end; returns the resumed run's final metrics."""
     from da_runner.methods import METHODS
     from da_runner.trainer import train
 
@@ -74,6 +75,8 @@ def crash_and_resume(monkeypatch, method_name: str, crash_at: int, args, run_dir
     with pytest.raises(Crash):
         train(make_cfg(*args), run_dir)
     monkeypatch.setattr(method_class, "step", original_step)
+    if before_resume is not None:
+        before_resume()
     return train(make_cfg(*args, "resume=true"), run_dir)
 
 

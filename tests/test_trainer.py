@@ -10,7 +10,7 @@ from da_runner.errors import UserError
 from da_runner.methods import METHODS, build_method
 import da_runner.trainer as trainer_module
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, Crash, load_ckpt, make_cfg, read_metrics
+from conftest import TINY_DIGITS, TINY_TOY, crash_and_resume, load_ckpt, make_cfg, read_metrics
 
 REQUIRED_TAGS = ["train/loss", "train/loss_cls", "train/loss_domain", "train/domain_acc", "train/grl_lambda",
                  "train/lr", "eval/source_acc", "eval/target_acc"]
@@ -82,20 +82,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch,
             "trainer.max_steps=12", "trainer.eval_every=3", "trainer.ckpt_every=4", "trainer.log_every=1"]
     reference = train(make_cfg(*args), tmp_path / "ref")
 
-    method_class = METHODS[name]
-    original_step = method_class.step
+    def last_checkpoint_is_the_one_before_the_crash():
+        assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4 * (crash_at // 4)
 
-    def crashing_step(self, batch, ctx):
-        if ctx.step == crash_at:
-            raise Crash
-        return original_step(self, batch, ctx)
-
-    monkeypatch.setattr(method_class, "step", crashing_step)
-    with pytest.raises(Crash):
-        train(make_cfg(*args), tmp_path / "run")
-    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4 * (crash_at // 4)
-    monkeypatch.setattr(method_class, "step", original_step)
-    resumed = train(make_cfg(*args, "resume=true"), tmp_path / "run")
+    resumed = crash_and_resume(monkeypatch, name, crash_at, args, tmp_path / "run",
+                               before_resume=last_checkpoint_is_the_one_before_the_crash)
 
     for key in ("target_acc", "source_acc", "selected_target_acc", "selected_step", "step"):
         assert resumed[key] == reference[key]
