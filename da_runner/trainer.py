@@ -161,6 +161,8 @@ class Run:
         # its stream: batches by index from memory, or decoded from files by DataLoader workers.
         # data.augment (none | weak | strong) applies to both domains' training batches; evaluation never augments.
         self.augment = cfg.data.get("augment")
+        # Read once, not every step: whether the method trains on a strong view of each target batch too.
+        self.strong_target_view = method.wants_strong_target_view
         self.source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1, augment=self.augment)
         self.target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2, augment=self.augment)
 
@@ -234,7 +236,7 @@ class Run:
     def next_batch(self) -> Batch:
         x_s, y_s = next(self.source)
         x_t_strong = None
-        if self.method.wants_strong_target_view:  # FixMatch: the same target images at data.augment's `strong` level too
+        if self.strong_target_view:  # FixMatch: the same target images at data.augment's `strong` level too
             (x_t, x_t_strong), y_t = self.target.next_views((self.augment or "none", "strong"))
         else:
             x_t, y_t = next(self.target)
