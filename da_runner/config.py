@@ -79,6 +79,12 @@ def validate(cfg: DictConfig) -> None:
     threshold = cfg.method.get("fixmatch_threshold")
     if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
         raise UserError(f"method.fixmatch_threshold must be a probability in (0, 1], got {threshold!r}")
+    if "init_from" in cfg.method and not cfg.method.init_from and not cfg.resume:
+        raise UserError(f"method={cfg.method.name} starts from a finished run: set method.init_from=<its run "
+                        "directory or a checkpoint file>")
+    radius = cfg.method.get("vat_radius")
+    if radius is not None and (not _is_number(radius) or radius <= 0):
+        raise UserError(f"method.vat_radius must be a number > 0, got {radius!r}")
     if not _is_number(cfg.grl.hi):
         raise UserError(f"grl.hi must be a number, got {cfg.grl.hi!r}")
     if cfg.grl.name not in GRL_SCHEDULES:

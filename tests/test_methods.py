@@ -95,8 +95,10 @@ def test_source_only_ignores_the_target():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-# Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled).
-SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"]}
+# Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled;
+# DIRT-T: the teacher refreshed).
+SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"],
+                     "dirt_t": ["method.teacher_every=2"]}
 
 
 def next_batch(method, src, tgt) -> Batch:

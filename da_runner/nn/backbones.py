@@ -393,7 +393,51 @@ class TimmBackbone(nn.Module):
         return self.net(x)
 
 
+class GaussianNoise(nn.Module):
+    """Adds N(0, std^2) noise in training mode only (VADA's regulariser after each pooling stage)."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x) if self.training and self.std > 0 else x
+
+
+class VadaSmall(nn.Module):
+    """The "small" network of VADA / DIRT-T (Shu et al., ICLR 2018; `codebase/models/nns/small.py` of
+    their code): three stages of three conv3x3 (64, 'same' padding) - BatchNorm - LeakyReLU(0.1); after
+    the first two stages a 2x2 max-pool, dropout (0.5) and Gaussian noise (std 1); then global
+    average pooling. The features are the pooled 64 channels and the label head is one linear layer.
+    (Their discriminator reads the second stage's output maps; here it reads the pooled features, the
+    one feature space every head of this runner shares.) Inputs are usually instance-normalised
+    first (`backbone.input_norm=instance`, configs/backbone/vada_small.yaml).
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], cfg=None):
+        super().__init__()
+        _require_image("vada_small", input_shape, 8)
+        options = cfg if cfg is not None else {}
+        width, dropout = int(options.get("channels", 64)), float(options.get("dropout", 0.5))
+        noise = float(options.get("noise", 1.0))
+        layers: list[nn.Module] = []
+        in_channels = input_shape[0]
+        for stage in range(3):
+            for _ in range(3):
+                layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                           nn.LeakyReLU(0.1, inplace=True)]
+                in_channels = width
+            if stage < 2:
+                layers += [nn.MaxPool2d(2, ceil_mode=True), nn.Dropout(dropout), GaussianNoise(noise)]
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP,
+             "vada_small": VadaSmall,
              **{name: TorchvisionResNet for name in TORCHVISION_RESNETS}, "timm": TimmBackbone}
 
 
@@ -414,6 +458,18 @@ class L2PreservedDropout(nn.Dropout):
         return out * math.sqrt(1.0 - self.p) if self.training else out
 
 
+INPUT_NORMS = ("none", "instance")
+
+
+class InputInstanceNorm(nn.Module):
+    """Each image standardised per channel over its own pixels (instance normalisation without learned
+    scale and shift), before the network sees it: VADA's and DIRT-T's input layer (Shu et al., ICLR
+    2018), which removes a global colour and contrast shift such as MNIST -> MNIST-M's per image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.instance_norm(x, eps=1e-5)
+
+
 class FeatureExtractor(nn.Module):
     """The backbone followed by the optional bottleneck: what every method calls its features G(x).
 
@@ -421,11 +477,18 @@ class FeatureExtractor(nn.Module):
     ReLU -> Dropout (optional), the block Transfer-Learning-Library puts between the backbone and
     the heads of every method (256 wide with BatchNorm on digits; 1024 with dropout for MDD).
     The two parts are separate modules so each gets its own learning-rate multiplier
-    (`optim.lr_mult.backbone`, `optim.lr_mult.bottleneck`).
+    (`optim.lr_mult.backbone`, `optim.lr_mult.bottleneck`). `backbone.input_norm=instance` puts
+    `InputInstanceNorm` (no parameters) in front of the backbone.
     """
 
     def __init__(self, cfg, input_shape: tuple[int, ...]):
         super().__init__()
+        input_norm = cfg.get("input_norm") or "none"
+        if input_norm not in INPUT_NORMS:
+            raise UserError(f"backbone.input_norm must be one of {', '.join(INPUT_NORMS)} (or null), got {input_norm!r}")
+        if input_norm == "instance" and len(input_shape) != 3:
+            raise UserError(f"backbone.input_norm=instance needs images, but the data gives inputs of shape {tuple(input_shape)}")
+        self.input_norm = InputInstanceNorm() if input_norm == "instance" else nn.Identity()
         self.backbone = build_backbone(cfg, input_shape)
         options = cfg.get("bottleneck") or {}
         width = options.get("width")
@@ -446,7 +509,7 @@ class FeatureExtractor(nn.Module):
             self.out_features = int(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bottleneck(self.backbone(x))
+        return self.bottleneck(self.backbone(self.input_norm(x)))
 
 
 def build_features(cfg, input_shape: tuple[int, ...]) -> FeatureExtractor:
@@ -462,4 +525,6 @@ def without_initial_weights(cfg):
     for key, value in (("pretrained", False), ("weights", None)):
         if key in cfg.backbone:  # digit backbones have neither key
             cfg.backbone[key] = value
+    if cfg.method.get("init_from"):  # a method that starts from another run's weights (dirt_t)
+        cfg.method.init_from = None
     return cfg

@@ -2,6 +2,7 @@
 
 import functools
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -289,3 +290,48 @@ def afn_loss(f: torch.Tensor, delta_r: float = 1.0, radius: float | None = None)
     norms = f.norm(dim=1)
     goal = norms.detach() + delta_r if radius is None else torch.full_like(norms, float(radius))
     return (goal - norms).pow(2).mean()
+
+
+@in_float32
+def soft_cross_entropy(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """mean_i CE(softmax(target_logits_i), logits_i): cross-entropy to soft targets, no gradient through
+    them. Equal to KL(p_target || p) plus the targets' entropy, a constant for `logits`. (N, C), (N, C) -> scalar."""
+    targets = F.softmax(target_logits.detach(), dim=1)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@contextmanager
+def batch_norm_statistics_frozen(module: nn.Module):
+    """Inside the block the BatchNorm layers of `module` still normalise with batch statistics (in
+    training mode) but leave their running statistics as they are (momentum 0), so that extra forward
+    passes on perturbed inputs (VAT) do not count as data."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        yield module
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+
+
+def _unit_l2(d: torch.Tensor) -> torch.Tensor:
+    """Each sample of d scaled to L2 norm 1 over all its dimensions."""
+    return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (d.dim() - 1)))
+
+
+def virtual_adversarial_loss(model, x: torch.Tensor, logits: torch.Tensor, radius: float,
+                             xi: float = 1e-6) -> torch.Tensor:
+    """Virtual adversarial training (Miyato et al., TPAMI 2018) as VADA and DIRT-T use it (Shu et al.,
+    ICLR 2018; their code's `vat_loss`, one power iteration): the direction r in which the prediction
+    on x changes fastest is the gradient, at a random perturbation of norm `xi`, of
+    CE(softmax(logits), model(x + r)); the loss is CE(softmax(logits), model(x + radius * r / |r|)),
+    the prediction's smoothness within an L2 ball of `radius` around each input. `logits` = model(x)
+    (no gradient flows through them). The extra passes leave BatchNorm's running statistics alone.
+    """
+    with batch_norm_statistics_frozen(model):
+        d = (xi * _unit_l2(torch.randn_like(x))).requires_grad_(True)
+        direction = torch.autograd.grad(soft_cross_entropy(logits, model(x + d)), d)[0]
+        x_adversarial = (x + radius * _unit_l2(direction)).detach()
+        return soft_cross_entropy(logits, model(x_adversarial))
