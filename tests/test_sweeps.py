@@ -143,7 +143,7 @@ def test_ready_made_sweeps_cover_every_method():
     assert swept_values(grl, "grl") <= set(GRL_SCHEDULES) and swept_values(grl, "seed") == {"0", "1", "2"}
     assert grl.hydra.sweep.dir == "multirun/grl_schedules"
     methods = hydra_compose("sweep=methods")
-    assert swept_values(methods, "method") == set(METHODS)
+    assert swept_values(methods, "method") == set(METHODS) - {"dirt_t"}  # DIRT-T needs a VADA run to start from
 
 
 def test_ready_made_grl_sweep_covers_every_schedule():
