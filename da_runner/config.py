@@ -76,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     for key, value in cfg.method.items():  # the loss weights and gradient scales of every method
         if (key.endswith(("_weight", "_scale")) or key == "trade_off") and (not _is_number(value) or value < 0):
             raise UserError(f"method.{key} must be a number >= 0, got {value!r}")
+    _validate_stages(cfg.method)
     threshold = cfg.method.get("fixmatch_threshold")
     if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
         raise UserError(f"method.fixmatch_threshold must be a probability in (0, 1], got {threshold!r}")
@@ -115,6 +116,10 @@ def validate(cfg: DictConfig) -> None:
                        ("backbone.domain_head_dropout", cfg.backbone.get("domain_head_dropout", 0.0))):
         if not _is_number(value) or not 0 <= value < 1:
             raise UserError(f"{key} must be a number in [0, 1), got {value!r}")
+    for key, value in (("backbone.bottleneck.relu", bottleneck.get("relu", True)),
+                       ("backbone.label_head_weight_norm", cfg.backbone.get("label_head_weight_norm", False))):
+        if not isinstance(value, bool):
+            raise UserError(f"{key} must be true or false, got {value!r}")
     validate_backbone(cfg.backbone)
     momentum = cfg.method.get("feature_momentum")
     if momentum is not None and (not _is_number(momentum) or momentum < 0):
@@ -126,6 +131,21 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     if not isinstance(cfg.resume, bool):
         raise UserError(f"resume must be true or false, got {cfg.resume!r}")
+
+
+def _validate_stages(method: DictConfig) -> None:
+    """The keys of two-stage and pseudo-labelling methods (ADDA, SHOT), where a method has them."""
+    for key, lowest in (("pretrain_steps", 0), ("pseudo_label_rounds", 0)):
+        value = method.get(key)
+        if key in method and (not _is_int(value) or value < lowest):
+            raise UserError(f"method.{key} must be an integer >= {lowest}, got {value!r}")
+    every = method.get("pseudo_label_every")
+    if every is not None and (not _is_int(every) or every <= 0):
+        raise UserError(f"method.pseudo_label_every must be null (once per epoch of the target training set) or a "
+                        f"positive integer, got {every!r}")
+    smoothing = method.get("label_smoothing", 0.0)
+    if not _is_number(smoothing) or not 0 <= smoothing < 1:
+        raise UserError(f"method.label_smoothing must be a number in [0, 1), got {smoothing!r}")
 
 
 def validate_backbone(backbone: DictConfig) -> None:

@@ -75,6 +75,27 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def target_pass(method, domain, batch_size: int) -> None:
+    """Hand `method.target_pass` the whole target training split `domain`: (inputs, dataset indices)
+    in order, unaugmented, without labels, the method in eval mode (no dropout draws, BatchNorm's
+    running statistics) and no gradients, as evaluation sees it. The trainer calls it before each
+    step for which `method.wants_target_pass(ctx)` is true; it draws no global random numbers."""
+
+    def inputs_and_indices():
+        start = 0
+        for x, _ in domain.batches(batch_size):  # the labels stay here
+            yield x, torch.arange(start, start + len(x), device=x.device)
+            start += len(x)
+
+    was_training = method.training
+    method.eval()
+    try:
+        method.target_pass(inputs_and_indices())
+    finally:
+        method.train(was_training)
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     """Train `cfg.method` on `cfg.data`, writing TensorBoard events, checkpoints and metrics to run_dir.
 
@@ -244,12 +265,16 @@ class Run:
             x_s, x_t = x_s.contiguous(memory_format=torch.channels_last), x_t.contiguous(memory_format=torch.channels_last)
             if x_t_strong is not None:
                 x_t_strong = x_t_strong.contiguous(memory_format=torch.channels_last)
-        # Target labels are dropped here for every UDA method; only an oracle may see them.
+        # Target labels are dropped here for every UDA method; only an oracle may see them. The target
+        # samples' dataset indices line per-sample results of a target pass up with the batch.
         return Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if self.method.uses_target_labels else None,
-                     x_t_strong=x_t_strong)
+                     x_t_strong=x_t_strong, idx_t=self.target.last_index)
 
     def train_step(self, ctx: StepContext) -> dict:
-        """One step of the method on the next batch; returns its terms."""
+        """One step of the method on the next batch (after a pass over the whole target training set
+        when the method asks for one); returns its terms."""
+        if self.method.wants_target_pass(ctx):  # e.g. SHOT's pseudo-labels, every epoch of its stage 2
+            target_pass(self.method, self.pair.target_train, int(self.cfg.trainer.eval_batch_size))
         batch = self.next_batch()
         # trainer.precision=bf16 | fp16: the step's forward passes in that dtype (Method.backward leaves autocast).
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

@@ -5,6 +5,7 @@ import torch
 
 from da_runner.methods import METHODS, Batch, StepContext, build_method
 from da_runner.data import BatchStream, build_pair
+from da_runner.trainer import target_pass
 from conftest import TINY_DIGITS, TINY_TOY, make_cfg
 
 
@@ -96,20 +97,24 @@ def test_source_only_ignores_the_target():
 
 
 # Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled;
-# DIRT-T: the teacher refreshed).
+# DIRT-T: the teacher refreshed; SHOT: stage 2 from step 2, its pseudo-labels refreshed at steps 2 and 4).
 SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"],
-                     "dirt_t": ["method.teacher_every=2"]}
+                     "dirt_t": ["method.teacher_every=2"],
+                     "shot": ["method.pretrain_steps=2", "method.pseudo_label_every=2"]}
 
 
-def next_batch(method, src, tgt) -> Batch:
-    """The trainer's batch: target labels for the oracle only, a strong target view for FixMatch."""
+def next_batch(method, src, tgt, c: StepContext, pair) -> Batch:
+    """The trainer's batch: target labels for the oracle only, a strong target view for FixMatch, the
+    target samples' indices, after a pass over the target set when the method asks for one (SHOT)."""
+    if method.wants_target_pass(c):
+        target_pass(method, pair.target_train, 64)
     x_s, y_s = next(src)
     x_t_strong = None
     if method.wants_strong_target_view:
         (x_t, x_t_strong), y_t = tgt.next_views(("weak", "strong"))
     else:
         x_t, y_t = next(tgt)
-    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, x_t_strong)
+    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, x_t_strong, idx_t=tgt.last_index)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -124,7 +129,8 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
     for step in range(5):
-        out = method.step(next_batch(method, src, tgt), ctx(step=step, lr=0.01))
+        c = ctx(step=step, lr=0.01)
+        out = method.step(next_batch(method, src, tgt, c, pair), c)
         assert "loss" in out and all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     changed = [n for n, p in method.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)  # every parameter moved
@@ -146,9 +152,10 @@ def test_every_method_trains_under_mixed_precision(name, dtype):
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)
     for step in range(5):
-        batch = next_batch(method, src, tgt)
+        c = ctx(step=step, lr=0.01)
+        batch = next_batch(method, src, tgt, c, pair)
         with torch.autocast("cpu", dtype=dtype):
-            out = method.step(batch, ctx(step=step, lr=0.01))
+            out = method.step(batch, c)
         assert all(torch.isfinite(torch.as_tensor(v)) for v in out.values())
     assert [n for n, p in method.named_parameters() if not torch.equal(p, before[n])] == list(before)
     assert {p.dtype for p in method.parameters()} == {torch.float32}

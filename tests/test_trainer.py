@@ -73,8 +73,11 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
 RESUME_CASES = [(name, 7) for name in sorted(METHODS) if name != "dirt_t"] + [("dann", 10), ("adda", 10)]
 # ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
 # PADA updates its class weights every 3 steps: the crash falls between two updates.
+# SHOT switches stages at step 3 and refreshes its pseudo-labels every 60 // 8 = 7 steps (an epoch of the
+# tiny target set): crashing at 7 resumes from step 4, in stage 2, with the labels of step 3's pass.
 RESUME_OPTIONS = {"adda": "method.pretrain_steps=6", "pada": "method.class_weight_update_every=3",
-                  "fixmatch": "method.fixmatch_threshold=0.01"}  # FixMatch: every sample pseudo-labelled
+                  "fixmatch": "method.fixmatch_threshold=0.01",  # FixMatch: every sample pseudo-labelled
+                  "shot": "method.pretrain_steps=3"}
 
 
 @pytest.mark.parametrize("name, crash_at", RESUME_CASES)

@@ -50,7 +50,10 @@ class Domain(Protocol):
 
 class BatchSource(Protocol):
     """What `Domain.stream` returns: `next(stream)` -> (inputs, labels) on the domain's device, and
-    a state that checkpoints carry so a resumed run draws exactly the same batches."""
+    a state that checkpoints carry so a resumed run draws exactly the same batches. `last_index`
+    holds the dataset indices (N,) of the batch drawn last (None before the first)."""
+
+    last_index: torch.Tensor | None
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 

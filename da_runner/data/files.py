@@ -193,6 +193,7 @@ class FileBatchStream:
         keys = _SampleKeys(EpochOrder(len(domain), batch_size, seed), seed)
         self.loader = domain.loader(augment, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
         self._batches = None  # the loader's iterator, started at the first draw
+        self.last_index: torch.Tensor | None = None  # dataset indices of the batch handed out last
 
     @property
     def order(self) -> EpochOrder:
@@ -205,7 +206,9 @@ class FileBatchStream:
         if self._batches is None:
             self._batches = iter(self.loader)
         x, y = next(self._batches)
-        self.order.next_batch()
+        # The sampler's copy of the order drew the same indices for this batch, ahead of time.
+        index, _, _ = self.order.next_batch()
+        self.last_index = index.to(self.domain.device)
         return self.domain.prepare(x), y.to(self.domain.device, non_blocking=True)
 
     def next_views(self, levels: tuple[str, ...]):

@@ -107,18 +107,20 @@ class BatchStream:
     order of an `EpochOrder` (a fresh permutation each epoch from the stream's own generator). Its
     state goes into checkpoints so a resumed run draws exactly the same batches; the augmentation's
     draws follow from the seed and the batch's place in the order, so they resume exactly too.
+    `last_index` holds the dataset indices (on the domain's device) of the batch drawn last.
     """
 
     def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none"):
         self.domain, self.seed, self.augment = domain, seed, augment
         self.order = EpochOrder(len(domain), batch_size, seed)
+        self.last_index: torch.Tensor | None = None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch, start = self.order.next_batch()
-        index = index.to(self.domain.x.device, non_blocking=True)
+        index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
         if self.augment == "none":
             return self.domain.batch(index)
         return self.domain.augmented_batch(index, self.augment, batch_seed(self.seed, epoch, start))
@@ -131,7 +133,7 @@ class BatchStream:
             raise UserError("augmented views (fixmatch, method.fixmatch_weight > 0) need images; this data holds "
                             "feature vectors")
         index, epoch, start = self.order.next_batch()
-        index = index.to(self.domain.x.device, non_blocking=True)
+        index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
         views = [self.domain.augmented_batch(index, check_level(level), batch_seed(self.seed, epoch, start, view))[0]
                  for view, level in enumerate(levels)]
         return views, self.domain.y[index]

@@ -5,6 +5,12 @@ iteration and `embed(x)` (features and logits; `predict_heads(x)` for extra clas
 evaluation, sets the learning rate of every param group that has an
 `lr_mult` (to the scheduled lr times it; groups without one keep their own constant lr) and saves
 `checkpoint_state()`. It never looks at which method it is running.
+
+A method that needs the whole unlabelled target training set now and then (SHOT's pseudo-labels come
+from class centroids over all of it) says so per step with `wants_target_pass(ctx)`; before such a
+step the trainer hands `target_pass` every target training input, in order with its dataset index,
+in eval mode and without gradients. Each training batch carries the dataset indices of its target
+samples (`Batch.idx_t`), so per-sample results of the pass line up with the batches.
 """
 
 from dataclasses import dataclass
@@ -37,7 +43,9 @@ class Batch:
     Target labels (y_t) reach only a method that declares `uses_target_labels` (the oracle); for
     every UDA method they are None. `x_t_strong`, a strongly augmented view of the same target
     samples as x_t (data.augment level `strong`), is there only for a method whose
-    `wants_strong_target_view` is true (FixMatch's term).
+    `wants_strong_target_view` is true (FixMatch's term). `idx_t` (N_t,) int64 holds the target
+    samples' indices in the target training split, the indices `Method.target_pass` sees (None
+    where no stream stands behind the batch, e.g. a hand-made batch in a test).
     """
 
     x_s: torch.Tensor
@@ -45,6 +53,7 @@ class Batch:
     x_t: torch.Tensor
     y_t: torch.Tensor | None = None
     x_t_strong: torch.Tensor | None = None
+    idx_t: torch.Tensor | None = None
 
 
 def build_optimizer(param_groups, cfg) -> torch.optim.Optimizer:
@@ -114,6 +123,20 @@ class Method(nn.Module):
         """True when the method's loss needs `Batch.x_t_strong` (FixMatch's term is on): the trainer
         then draws the strong view of every target batch too."""
         return float(self.cfg.method.get("fixmatch_weight", 0.0)) > 0
+
+    def wants_target_pass(self, ctx: StepContext) -> bool:
+        """True when the method needs a pass over the whole target training set before the step of
+        `ctx` (asked once per step; SHOT: at the start of its second stage and every
+        `method.pseudo_label_every` steps after). Most methods never do."""
+        return False
+
+    def target_pass(self, batches) -> None:
+        """Called by the trainer before a step for which `wants_target_pass` is true, with the method
+        in eval mode and gradients off. `batches` yields (x_t, idx_t): every input of the target
+        training split once, unaugmented (the evaluation's view) and without labels, with the
+        samples' dataset indices (N,) int64, the indices `Batch.idx_t` carries in training. What the
+        method keeps from it must reach `checkpoint_state` for resume to be exact."""
+        raise NotImplementedError(f"{type(self).__name__} asked for a target pass but does not take one")
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:
         """Param groups of `modules` (default: the whole method) with `optim.lr_mult`'s multipliers."""

@@ -474,8 +474,10 @@ class FeatureExtractor(nn.Module):
     """The backbone followed by the optional bottleneck: what every method calls its features G(x).
 
     The bottleneck (`backbone.bottleneck.width`; null: none) is Linear -> BatchNorm (optional) ->
-    ReLU -> Dropout (optional), the block Transfer-Learning-Library puts between the backbone and
-    the heads of every method (256 wide with BatchNorm on digits; 1024 with dropout for MDD).
+    ReLU (optional, `relu`) -> Dropout (optional), the block Transfer-Learning-Library puts between
+    the backbone and the heads of every method (256 wide with BatchNorm on digits; 1024 with dropout
+    for MDD). SHOT's reference code has no ReLU there (Linear -> BatchNorm -> Dropout 0.5:
+    digit/network.py, feat_bottleneck with type "bn"): `relu: false`.
     The two parts are separate modules so each gets its own learning-rate multiplier
     (`optim.lr_mult.backbone`, `optim.lr_mult.bottleneck`). `backbone.input_norm=instance` puts
     `InputInstanceNorm` (no parameters) in front of the backbone.
@@ -501,7 +503,8 @@ class FeatureExtractor(nn.Module):
             layers: list[nn.Module] = [nn.Linear(self.backbone.out_features, int(width))]
             if options.get("batch_norm", True):
                 layers.append(nn.BatchNorm1d(int(width)))
-            layers.append(nn.ReLU(inplace=True))
+            if options.get("relu", True):
+                layers.append(nn.ReLU(inplace=True))
             if float(options.get("dropout", 0.0)) > 0:
                 dropout = L2PreservedDropout if options.get("l2_dropout", False) else nn.Dropout
                 layers.append(dropout(float(options.dropout)))

@@ -29,9 +29,15 @@ def mlp_head(in_features: int, hidden: Sequence[int], out_features: int, dropout
 
 def label_head(cfg, in_features: int, num_classes: int) -> nn.Sequential:
     """The label classifier of the `backbone` config node: `label_head` hidden sizes with
-    `label_head_batch_norm` and `label_head_dropout`."""
-    return mlp_head(in_features, cfg.label_head, num_classes, float(cfg.get("label_head_dropout", 0.0)),
+    `label_head_batch_norm` and `label_head_dropout`. `label_head_weight_norm: true` reparametrises
+    the output layer's weight as w_k = g_k v_k / ||v_k|| (weight normalisation, Salimans & Kingma
+    2016; one norm g_k per class), the classifier of SHOT's reference code (digit/network.py,
+    feat_classifier with type "wn")."""
+    head = mlp_head(in_features, cfg.label_head, num_classes, float(cfg.get("label_head_dropout", 0.0)),
                     bool(cfg.get("label_head_batch_norm", False)))
+    if cfg.get("label_head_weight_norm", False):
+        nn.utils.parametrizations.weight_norm(head[-1], name="weight", dim=0)
+    return head
 
 
 def domain_head(cfg, in_features: int, outputs: int) -> nn.Sequential:

@@ -272,6 +272,21 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 @in_float32
+def information_maximization_terms(logits: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """SHOT's information maximisation (Liang et al., ICML 2020) on target logits (N, C):
+
+        L_ent = mean_i H(p_i)          (confident predictions)
+        L_div = H(mean_i p_i)          (diverse predictions; the loss is L_ent - L_div)
+
+    with H(q) = -sum_k q_k log(q_k + eps), eps 1e-5 as in the reference code (digit/loss.py, Entropy;
+    digit/uda_digit.py, train_target). Returns (L_ent, L_div), two scalars. -L_div equals
+    KL(mean p || uniform) - log C; `class_balance_loss` is the other KL, KL(uniform || mean p) + const:
+    both push the mean prediction towards uniform, with different gradients."""
+    p = F.softmax(logits, dim=1)
+    return entropy(p, eps).mean(), entropy(p.mean(0, keepdim=True), eps)[0]
+
+
+@in_float32
 def bnm_loss(logits: torch.Tensor) -> torch.Tensor:
     """Batch nuclear-norm maximisation (Cui et al., CVPR 2020): minus the mean singular value of the
     (N, C) prediction matrix, i.e. its nuclear norm divided by min(N, C), as the official code
