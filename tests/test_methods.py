@@ -95,19 +95,21 @@ def test_source_only_ignores_the_target():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-# Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled).
-SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"]}
+# Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled;
+# mean teacher: every sample in the consistency term).
+SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"],
+                     "mean_teacher": ["method.confidence_threshold=0.01"]}
 
 
 def next_batch(method, src, tgt) -> Batch:
-    """The trainer's batch: target labels for the oracle only, a strong target view for FixMatch."""
+    """The trainer's batch: target labels for the oracle only, the further target views the method asks for."""
     x_s, y_s = next(src)
-    x_t_strong = None
-    if method.wants_strong_target_view:
-        (x_t, x_t_strong), y_t = tgt.next_views(("weak", "strong"))
+    x_t_views = ()
+    if method.extra_target_views:
+        (x_t, *x_t_views), y_t = tgt.next_views(("weak", *method.extra_target_views))
     else:
         x_t, y_t = next(tgt)
-    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, x_t_strong)
+    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, tuple(x_t_views))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -117,7 +119,7 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     cfg = make_cfg(f"method={name}", *SHORT_RUN_OPTIONS.get(name, []), *(TINY_DIGITS if data == "digits" else TINY_TOY))
     pair = build_pair(cfg.data)
     method = build_method(cfg, pair.input_shape, pair.num_classes)
-    if method.wants_strong_target_view and not pair.is_image:
+    if method.extra_target_views and not pair.is_image:
         pytest.skip("augmented views need images")
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)

@@ -73,7 +73,8 @@ RESUME_CASES = [(name, 7) for name in sorted(METHODS)] + [("dann", 10), ("adda",
 # ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
 # PADA updates its class weights every 3 steps: the crash falls between two updates.
 RESUME_OPTIONS = {"adda": "method.pretrain_steps=6", "pada": "method.class_weight_update_every=3",
-                  "fixmatch": "method.fixmatch_threshold=0.01"}  # FixMatch: every sample pseudo-labelled
+                  "fixmatch": "method.fixmatch_threshold=0.01",  # FixMatch: every sample pseudo-labelled
+                  "mean_teacher": "method.confidence_threshold=0.01"}  # mean teacher: every sample in the consistency term
 
 
 @pytest.mark.parametrize("name, crash_at", RESUME_CASES)

@@ -2,7 +2,8 @@
 
 from da_runner.errors import UserError
 from da_runner.methods import (  # noqa: F401  (importing registers them)
-    adda, afn, bnm, cdan, dan, dann, deepcoral, fixmatch, iwan, jan, mcc, mcd, mdd, minent, oracle, osbp, pada, source_only,
+    adda, afn, bnm, cdan, dan, dann, deepcoral, fixmatch, iwan, jan, mcc, mcd, mdd, mean_teacher, minent, oracle, osbp, pada,
+    source_only,
 )
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import METHODS, register
