@@ -77,9 +77,14 @@ def validate(cfg: DictConfig) -> None:
         if (key.endswith(("_weight", "_scale")) or key == "trade_off") and (not _is_number(value) or value < 0):
             raise UserError(f"method.{key} must be a number >= 0, got {value!r}")
     _validate_stages(cfg.method)
-    threshold = cfg.method.get("fixmatch_threshold")
-    if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
-        raise UserError(f"method.fixmatch_threshold must be a probability in (0, 1], got {threshold!r}")
+    for key in ("fixmatch_threshold", "confidence_threshold"):  # FixMatch's and mean teacher's
+        threshold = cfg.method.get(key)
+        if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
+            raise UserError(f"method.{key} must be a probability in (0, 1], got {threshold!r}")
+    alpha = cfg.method.get("teacher_alpha")  # mean teacher's EMA decay; 1 would freeze the teacher at its start
+    if alpha is not None and (not _is_number(alpha) or not 0 <= alpha < 1):
+        raise UserError(f"method.teacher_alpha must be a number in [0, 1) (the teacher's EMA decay, e.g. 0.99), "
+                        f"got {alpha!r}")
     if "init_from" in cfg.method and not cfg.method.init_from and not cfg.resume:
         raise UserError(f"method={cfg.method.name} starts from a finished run: set method.init_from=<its run "
                         "directory or a checkpoint file>")

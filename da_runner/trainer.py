@@ -182,8 +182,9 @@ class Run:
         # its stream: batches by index from memory, or decoded from files by DataLoader workers.
         # data.augment (none | weak | strong) applies to both domains' training batches; evaluation never augments.
         self.augment = cfg.data.get("augment")
-        # Read once, not every step: whether the method trains on a strong view of each target batch too.
-        self.strong_target_view = method.wants_strong_target_view
+        # Read once, not every step: the augmentation levels of further views of each target batch the
+        # method trains on (FixMatch's strong view, mean teacher's second view); usually none.
+        self.target_views = tuple(method.extra_target_views)
         self.source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1, augment=self.augment)
         self.target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2, augment=self.augment)
 
@@ -256,19 +257,17 @@ class Run:
 
     def next_batch(self) -> Batch:
         x_s, y_s = next(self.source)
-        x_t_strong = None
-        if self.strong_target_view:  # FixMatch: the same target images at data.augment's `strong` level too
-            (x_t, x_t_strong), y_t = self.target.next_views((self.augment or "none", "strong"))
+        x_t_views = ()
+        if self.target_views:  # the same target images again, once per level, each with its own draws
+            (x_t, *x_t_views), y_t = self.target.next_views((self.augment or "none", *self.target_views))
         else:
             x_t, y_t = next(self.target)
         if self.channels_last:
-            x_s, x_t = x_s.contiguous(memory_format=torch.channels_last), x_t.contiguous(memory_format=torch.channels_last)
-            if x_t_strong is not None:
-                x_t_strong = x_t_strong.contiguous(memory_format=torch.channels_last)
+            x_s, x_t, *x_t_views = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t, *x_t_views))
         # Target labels are dropped here for every UDA method; only an oracle may see them. The target
         # samples' dataset indices line per-sample results of a target pass up with the batch.
         return Batch(x_s=x_s, y_s=y_s, x_t=x_t, y_t=y_t if self.method.uses_target_labels else None,
-                     x_t_strong=x_t_strong, idx_t=self.target.last_index)
+                     x_t_views=tuple(x_t_views), idx_t=self.target.last_index)
 
     def train_step(self, ctx: StepContext) -> dict:
         """One step of the method on the next batch (after a pass over the whole target training set

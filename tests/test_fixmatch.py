@@ -61,11 +61,11 @@ def capture_batches(monkeypatch, name):
 def test_the_trainer_hands_fixmatch_a_strong_view_and_other_methods_none(tmp_path, monkeypatch):
     seen = capture_batches(monkeypatch, "fixmatch")
     train(make_cfg(*TINY_DIGITS, "method=fixmatch", "trainer.max_steps=3"), tmp_path / "fm")
-    assert all(b.x_t_strong is not None and b.x_t_strong.shape == b.x_t.shape for b in seen)
-    assert all(not torch.equal(b.x_t_strong, b.x_t) for b in seen)
+    assert all(len(b.x_t_views) == 1 and b.x_t_views[0].shape == b.x_t.shape for b in seen)
+    assert all(not torch.equal(b.x_t_views[0], b.x_t) for b in seen)
     seen_dann = capture_batches(monkeypatch, "dann")
     train(make_cfg(*TINY_DIGITS, "method=dann", "trainer.max_steps=3"), tmp_path / "dann")
-    assert all(b.x_t_strong is None for b in seen_dann)
+    assert all(b.x_t_views == () for b in seen_dann)
 
 
 @pytest.mark.parametrize("name", ["dann", "cdan"])

@@ -97,24 +97,26 @@ def test_source_only_ignores_the_target():
 
 
 # Options that make a method use all of its parts within a few steps (FixMatch: every sample pseudo-labelled;
-# DIRT-T: the teacher refreshed; SHOT: stage 2 from step 2, its pseudo-labels refreshed at steps 2 and 4).
+# DIRT-T: the teacher refreshed; SHOT: stage 2 from step 2, its pseudo-labels refreshed at steps 2 and 4;
+# mean teacher: every sample in the consistency term).
 SHORT_RUN_OPTIONS = {"adda": ["method.pretrain_steps=2"], "fixmatch": ["method.fixmatch_threshold=0.01"],
                      "dirt_t": ["method.teacher_every=2"],
-                     "shot": ["method.pretrain_steps=2", "method.pseudo_label_every=2"]}
+                     "shot": ["method.pretrain_steps=2", "method.pseudo_label_every=2"],
+                     "mean_teacher": ["method.confidence_threshold=0.01"]}
 
 
 def next_batch(method, src, tgt, c: StepContext, pair) -> Batch:
-    """The trainer's batch: target labels for the oracle only, a strong target view for FixMatch, the
-    target samples' indices, after a pass over the target set when the method asks for one (SHOT)."""
+    """The trainer's batch: target labels for the oracle only, the further target views the method asks
+    for, the target samples' indices, after a pass over the target set when the method asks for one (SHOT)."""
     if method.wants_target_pass(c):
         target_pass(method, pair.target_train, 64)
     x_s, y_s = next(src)
-    x_t_strong = None
-    if method.wants_strong_target_view:
-        (x_t, x_t_strong), y_t = tgt.next_views(("weak", "strong"))
+    x_t_views = ()
+    if method.extra_target_views:
+        (x_t, *x_t_views), y_t = tgt.next_views(("weak", *method.extra_target_views))
     else:
         x_t, y_t = next(tgt)
-    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, x_t_strong, idx_t=tgt.last_index)
+    return Batch(x_s, y_s, x_t, y_t if method.uses_target_labels else None, tuple(x_t_views), idx_t=tgt.last_index)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -124,7 +126,7 @@ def test_every_method_trains_five_steps_and_changes_its_parameters(name, data):
     cfg = make_cfg(f"method={name}", *SHORT_RUN_OPTIONS.get(name, []), *(TINY_DIGITS if data == "digits" else TINY_TOY))
     pair = build_pair(cfg.data)
     method = build_method(cfg, pair.input_shape, pair.num_classes)
-    if method.wants_strong_target_view and not pair.is_image:
+    if method.extra_target_views and not pair.is_image:
         pytest.skip("augmented views need images")
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     src, tgt = BatchStream(pair.source_train, 8, 1), BatchStream(pair.target_train, 8, 2)

@@ -77,7 +77,8 @@ RESUME_CASES = [(name, 7) for name in sorted(METHODS) if name != "dirt_t"] + [("
 # tiny target set): crashing at 7 resumes from step 4, in stage 2, with the labels of step 3's pass.
 RESUME_OPTIONS = {"adda": "method.pretrain_steps=6", "pada": "method.class_weight_update_every=3",
                   "fixmatch": "method.fixmatch_threshold=0.01",  # FixMatch: every sample pseudo-labelled
-                  "shot": "method.pretrain_steps=3"}
+                  "shot": "method.pretrain_steps=3",
+                  "mean_teacher": "method.confidence_threshold=0.01"}  # mean teacher: every sample in the consistency term
 
 
 @pytest.mark.parametrize("name, crash_at", RESUME_CASES)

@@ -213,7 +213,8 @@ class FileBatchStream:
 
     def next_views(self, levels: tuple[str, ...]):
         raise UserError("methods that train on several augmented views of each target image (fixmatch, "
-                        "method.fixmatch_weight > 0) need in-memory data for now; image files give one view per sample")
+                        "mean_teacher, method.fixmatch_weight > 0) need in-memory data for now; image files give one "
+                        "view per sample")
 
     def state_dict(self) -> dict:
         return {**self.order.state_dict(), "seed": self.loader.batch_sampler.seed}

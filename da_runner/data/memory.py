@@ -127,11 +127,11 @@ class BatchStream:
 
     def next_views(self, levels: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The next batch's samples once per augmentation level in `levels`, each view with draws of
-        its own (FixMatch's weak and strong views of the same target images), and their labels. The
-        first view is what `next()` would have returned."""
+        its own (FixMatch's weak and strong views of the same target images, mean teacher's student and
+        teacher views), and their labels. The first view is what `next()` would have returned."""
         if not self.domain.is_image:
-            raise UserError("augmented views (fixmatch, method.fixmatch_weight > 0) need images; this data holds "
-                            "feature vectors")
+            raise UserError("methods that train on several augmented views of each target batch (fixmatch, "
+                            "mean_teacher, method.fixmatch_weight > 0) need images; this data holds feature vectors")
         index, epoch, start = self.order.next_batch()
         index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
         views = [self.domain.augmented_batch(index, check_level(level), batch_seed(self.seed, epoch, start, view))[0]

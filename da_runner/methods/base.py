@@ -41,18 +41,19 @@ class Batch:
     """One training batch: labelled source and unlabelled target.
 
     Target labels (y_t) reach only a method that declares `uses_target_labels` (the oracle); for
-    every UDA method they are None. `x_t_strong`, a strongly augmented view of the same target
-    samples as x_t (data.augment level `strong`), is there only for a method whose
-    `wants_strong_target_view` is true (FixMatch's term). `idx_t` (N_t,) int64 holds the target
-    samples' indices in the target training split, the indices `Method.target_pass` sees (None
-    where no stream stands behind the batch, e.g. a hand-made batch in a test).
+    every UDA method they are None. `x_t_views` holds further augmented views of the same target
+    samples as x_t, one per level of the method's `extra_target_views` and in that order (FixMatch's
+    strong view, mean teacher's second view); it is empty for every other method. `idx_t` (N_t,)
+    int64 holds the target samples' indices in the target training split, the indices
+    `Method.target_pass` sees (None where no stream stands behind the batch, e.g. a hand-made batch
+    in a test).
     """
 
     x_s: torch.Tensor
     y_s: torch.Tensor
     x_t: torch.Tensor
     y_t: torch.Tensor | None = None
-    x_t_strong: torch.Tensor | None = None
+    x_t_views: tuple[torch.Tensor, ...] = ()
     idx_t: torch.Tensor | None = None
 
 
@@ -119,10 +120,13 @@ class Method(nn.Module):
         self.grad_scaler = torch.amp.GradScaler(enabled=False)
 
     @property
-    def wants_strong_target_view(self) -> bool:
-        """True when the method's loss needs `Batch.x_t_strong` (FixMatch's term is on): the trainer
-        then draws the strong view of every target batch too."""
-        return float(self.cfg.method.get("fixmatch_weight", 0.0)) > 0
+    def extra_target_views(self) -> tuple[str, ...]:
+        """The augmentation levels (data.augment's: none, weak, strong) of the further views of each
+        target batch that the method trains on. The trainer draws the batch's images once more per
+        level, each view with random draws of its own, and hands them over as `Batch.x_t_views` in
+        this order. Empty for most methods; ("strong",) while FixMatch's term is on (a subclass that
+        needs more views appends its own to these)."""
+        return ("strong",) if float(self.cfg.method.get("fixmatch_weight", 0.0)) > 0 else ()
 
     def wants_target_pass(self, ctx: StepContext) -> bool:
         """True when the method needs a pass over the whole target training set before the step of
@@ -220,7 +224,8 @@ class Method(nn.Module):
         target predictions, weighted by `method.entropy_weight`, `method.bnm_weight`,
         `method.balance_weight` and `method.fixmatch_weight` (0 or absent = off) times `ramp(ctx)`.
         Entropy plus balance is information maximisation (IM). FixMatch's term (`fixmatch_loss`)
-        takes the pseudo-labels from `logits_t` and trains the classifier on `batch.x_t_strong`.
+        takes the pseudo-labels from `logits_t` and trains the classifier on the strong view,
+        `batch.x_t_views[0]` (the first of `extra_target_views`).
         Returns the weighted sum to add to the loss and the unweighted terms to log (`loss_entropy`,
         `loss_bnm`, `loss_balance`, `loss_fixmatch` and `fixmatch_mask`, the share of target samples
         confident enough to be pseudo-labelled)."""
@@ -235,7 +240,7 @@ class Method(nn.Module):
                 terms[name] = term.detach()
         fixmatch_weight = float(self.cfg.method.get("fixmatch_weight", 0.0))
         if fixmatch_weight > 0:
-            logits_strong = self.classifier(self.features(batch.x_t_strong))
+            logits_strong = self.classifier(self.features(batch.x_t_views[0]))
             term, kept = fixmatch_loss(logits_t, logits_strong, float(self.cfg.method.fixmatch_threshold))
             total = total + fixmatch_weight * self.ramp(ctx) * term
             terms.update(loss_fixmatch=term.detach(), fixmatch_mask=kept)
