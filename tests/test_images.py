@@ -17,6 +17,7 @@ from da_runner.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFileDomain, I
 from da_runner.errors import MissingDataError, UserError
 from da_runner.trainer import train
 from conftest import crash_and_resume, load_ckpt, make_cfg, run_cli
+from test_trainer import scalar_tags
 from fake_images import (CLASSES, OFFICE31_SIZES, write_class_folders, write_domainnet, write_image,
                          write_office31, write_office_home, write_visda2017)
 
@@ -256,6 +257,39 @@ def test_file_stream_resumes_exactly_with_workers(ten_images):
     other_epoch = {label: x[8 + i] for i, label in enumerate(y[8:].tolist())}
     shared = [i for i, label in enumerate(index) if label in other_epoch]
     assert not all(torch.equal(x[i], other_epoch[index[i]]) for i in shared)
+
+
+def test_file_stream_views_are_the_same_images_each_with_its_own_draws(ten_images):
+    """next_views on image files: the first view is the plain stream's batch, the others the same
+    images drawn again; the views resume exactly from a saved state, with or without workers."""
+    plain = draw(ten_images.stream(4, seed=7), 3)
+    stream = replace(ten_images, num_workers=2).stream(4, seed=7)
+    views = [stream.next_views(("weak", "strong", "weak")) for _ in range(3)]
+    for (x, y), ((weak, strong, weak_again), labels) in zip(plain, views):
+        assert torch.equal(labels, y) and torch.equal(weak, x)
+        assert strong.shape == weak.shape == weak_again.shape and not torch.equal(strong, weak)
+        assert not torch.equal(weak_again, weak)  # another draw at the same level
+    state = stream.state_dict()
+    after = [stream.next_views(("weak", "strong", "weak")) for _ in range(2)]
+    resumed = ten_images.stream(4, seed=0)
+    resumed.load_state_dict(state)
+    again = [resumed.next_views(("weak", "strong", "weak")) for _ in range(2)]
+    for (views_a, y_a), (views_b, y_b) in zip(after, again):
+        assert torch.equal(y_a, y_b) and all(torch.equal(a, b) for a, b in zip(views_a, views_b))
+
+
+def test_fixmatch_trains_on_image_files(tmp_path):
+    rng = np.random.default_rng(5)
+    write_class_folders(tmp_path / "src", 12, rng)
+    write_class_folders(tmp_path / "tgt", 9, rng, ext="png")
+    metrics = train(make_cfg("data=image_folder", f"data.source_dir={tmp_path / 'src'}",
+                             f"data.target_dir={tmp_path / 'tgt'}", "data.image_size=28", "data.resize=32",
+                             "data.num_workers=0", "backbone=lenet", "method=fixmatch",
+                             "method.fixmatch_threshold=0.01", "trainer.batch_size=4", "trainer.max_steps=3",
+                             "trainer.eval_every=3", "trainer.eval_batch_size=8", "trainer.validation_samples=8",
+                             "trainer.progress=false", "trainer.analysis=false", "device=cpu"), tmp_path / "run")
+    assert metrics["step"] == 3
+    assert {"train/loss_fixmatch", "train/fixmatch_mask"} <= scalar_tags(tmp_path / "run")  # the strong views arrived
 
 
 def test_training_on_image_files_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):

@@ -65,14 +65,23 @@ def sample_seed(stream_seed: int, epoch: int, position: int) -> int:
     return int(np.random.SeedSequence([stream_seed % 2**64, epoch, position]).generate_state(1, np.uint64)[0])
 
 
+def view_seed(seed: int, view: int) -> int:
+    """The seed of a sample's further augmented view: view 0 draws from the sample's own seed, so a
+    stream's first view is the batch a single-view stream hands out."""
+    return seed if view == 0 else int(np.random.SeedSequence([seed, view]).generate_state(1, np.uint64)[0])
+
+
 class ImageFiles(Dataset):
     """Decodes image files. A key is an index (no randomness: evaluation) or an (index, seed) pair
-    (training: the transform's random draws come from `seed`)."""
+    (training: the transform's random draws come from `seed`). With several transforms (`views`,
+    one per augmentation level) a sample is the stack (V, 3, H, W) of its views, view v drawing
+    from `view_seed(seed, v)`."""
 
-    def __init__(self, files: np.ndarray, labels: np.ndarray, transform, decode_size: int):
+    def __init__(self, files: np.ndarray, labels: np.ndarray, transform, decode_size: int, views=None):
         # numpy arrays rather than lists of Python objects: forked workers then share the pages
         # instead of copying them as reference counts change (DomainNet lists 600,000 files).
         self.files, self.labels, self.transform, self.decode_size = files, labels, transform, decode_size
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.files)
@@ -88,17 +97,23 @@ class ImageFiles(Dataset):
             image = image.convert("RGB")
         if seed is None:
             x = self.transform(image)
+        elif self.views is None:
+            x = self.seeded(self.transform, image, seed)
         else:
-            # A private RNG state for the draw, so that decoding in the main process (num_workers=0)
-            # leaves the training's global RNG (dropout, ...) untouched. Only the CPU generator, which
-            # the transforms draw from, is seeded: torch.manual_seed would also queue a seed for each
-            # accelerator backend (CUDA, XPU, MTIA), recording a stack trace each time (0.1-0.2 ms an
-            # image, half again the decoding of a small crop), and reseed a GPU's generator, which
-            # fork_rng(devices=[]) does not restore.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                x = self.transform(image)
+            x = torch.stack([self.seeded(t, image, view_seed(seed, v)) for v, t in enumerate(self.views)])
         return x, int(self.labels[index])
+
+    @staticmethod
+    def seeded(transform, image, seed: int) -> torch.Tensor:
+        # A private RNG state for the draw, so that decoding in the main process (num_workers=0)
+        # leaves the training's global RNG (dropout, ...) untouched. Only the CPU generator, which
+        # the transforms draw from, is seeded: torch.manual_seed would also queue a seed for each
+        # accelerator backend (CUDA, XPU, MTIA), recording a stack trace each time (0.1-0.2 ms an
+        # image, half again the decoding of a small crop), and reseed a GPU's generator, which
+        # fork_rng(devices=[]) does not restore.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return transform(image)
 
 
 @dataclass
@@ -156,11 +171,14 @@ class ImageFileDomain:
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         return unnormalize_images(x, self._mean, self._std)
 
-    def loader(self, augment: str = "none", **kwargs) -> DataLoader:
-        """A DataLoader over the files with the transform of `augment` (none: the evaluation's);
-        kwargs choose the batches (batch_size or batch_sampler)."""
+    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, **kwargs) -> DataLoader:
+        """A DataLoader over the files with the transform of `augment` (none: the evaluation's), or
+        with one transform per level of `views`, whose batches are then (B, V, 3, H, W); kwargs
+        choose the batches (batch_size or batch_sampler)."""
+        view_transforms = None if views is None else [image_transform(self.image_size, self.resize, level)
+                                                     for level in views]
         dataset = ImageFiles(self.files, self.y.numpy(), image_transform(self.image_size, self.resize, augment),
-                             self.resize)
+                             self.resize, view_transforms)
         return DataLoader(dataset, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and self.device.type == "cuda",
                           # Its own generator: starting a loader (at the start, on resume, at each
@@ -194,6 +212,7 @@ class FileBatchStream:
         self.loader = domain.loader(augment, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
         self._batches = None  # the loader's iterator, started at the first draw
         self.last_index: torch.Tensor | None = None  # dataset indices of the batch handed out last
+        self.views: tuple[str, ...] | None = None  # the levels the workers decode each sample at (next_views)
 
     @property
     def order(self) -> EpochOrder:
@@ -203,18 +222,34 @@ class FileBatchStream:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._next_raw()
+        if self.views is not None:  # the workers decode several views: the first is the plain batch
+            x = x[:, 0]
+        return self.domain.prepare(x), y.to(self.domain.device, non_blocking=True)
+
+    def _next_raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loader's next uint8 batch as the workers hand it over, the position advanced."""
         if self._batches is None:
             self._batches = iter(self.loader)
         x, y = next(self._batches)
         # The sampler's copy of the order drew the same indices for this batch, ahead of time.
         index, _, _ = self.order.next_batch()
         self.last_index = index.to(self.domain.device)
-        return self.domain.prepare(x), y.to(self.domain.device, non_blocking=True)
+        return x, y
 
-    def next_views(self, levels: tuple[str, ...]):
-        raise UserError("methods that train on several augmented views of each target image (fixmatch, "
-                        "mean_teacher, method.fixmatch_weight > 0) need in-memory data for now; image files give one "
-                        "view per sample")
+    def next_views(self, levels: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The next batch's images once per augmentation level in `levels`, each view with draws of
+        its own (FixMatch's weak and strong views), and their labels; the first view is what `next()`
+        would have returned. The first call switches the workers to decoding every view of a sample
+        together (a run asks for the same levels every step)."""
+        levels = tuple(check_level(level) for level in levels)
+        if levels != self.views:
+            sampler = self.loader.batch_sampler
+            self.loader = self.domain.loader(views=levels, batch_sampler=sampler,
+                                             persistent_workers=self.domain.num_workers > 0)
+            self.views, self._batches = levels, None
+        x, y = self._next_raw()
+        return [self.domain.prepare(x[:, v]) for v in range(len(levels))], y.to(self.domain.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {**self.order.state_dict(), "seed": self.loader.batch_sampler.seed}
