@@ -61,3 +61,15 @@ def write_domainnet(root: Path, rng) -> dict:
         for split, n, first in (("train", 8, 0), ("test", 4, 100)):
             written[domain, split] = write_list_split(base / domain, base, base / f"{domain}_{split}.txt", n, rng, first)
     return written
+
+
+def small_image_folder_run(tmp_path: Path, seed: int, source_images: int, target_images: int) -> list[str]:
+    """Writes a source (jpg) and a target (png) class-folder pair and returns the overrides of a tiny
+    run on it: 28x28 crops, LeNet, batches of 4, evaluation on 8 images, on the CPU."""
+    rng = np.random.default_rng(seed)
+    write_class_folders(tmp_path / "src", source_images, rng)
+    write_class_folders(tmp_path / "tgt", target_images, rng, ext="png")
+    return ["data=image_folder", f"data.source_dir={tmp_path / 'src'}", f"data.target_dir={tmp_path / 'tgt'}",
+            "data.image_size=28", "data.resize=32", "backbone=lenet", "trainer.batch_size=4",
+            "trainer.eval_batch_size=8", "trainer.validation_samples=8", "trainer.progress=false",
+            "trainer.analysis=false", "device=cpu"]

@@ -18,8 +18,8 @@ from da_runner.errors import MissingDataError, UserError
 from da_runner.trainer import train
 from conftest import crash_and_resume, load_ckpt, make_cfg, run_cli
 from test_trainer import scalar_tags
-from fake_images import (CLASSES, OFFICE31_SIZES, write_class_folders, write_domainnet, write_image,
-                         write_office31, write_office_home, write_visda2017)
+from fake_images import (CLASSES, OFFICE31_SIZES, small_image_folder_run, write_class_folders, write_domainnet,
+                         write_image, write_office31, write_office_home, write_visda2017)
 
 SMALL = ["data.image_size=32", "data.resize=36", "data.num_workers=0"]
 
@@ -279,28 +279,19 @@ def test_file_stream_views_are_the_same_images_each_with_its_own_draws(ten_image
 
 
 def test_fixmatch_trains_on_image_files(tmp_path):
-    rng = np.random.default_rng(5)
-    write_class_folders(tmp_path / "src", 12, rng)
-    write_class_folders(tmp_path / "tgt", 9, rng, ext="png")
-    metrics = train(make_cfg("data=image_folder", f"data.source_dir={tmp_path / 'src'}",
-                             f"data.target_dir={tmp_path / 'tgt'}", "data.image_size=28", "data.resize=32",
-                             "data.num_workers=0", "backbone=lenet", "method=fixmatch",
-                             "method.fixmatch_threshold=0.01", "trainer.batch_size=4", "trainer.max_steps=3",
-                             "trainer.eval_every=3", "trainer.eval_batch_size=8", "trainer.validation_samples=8",
-                             "trainer.progress=false", "trainer.analysis=false", "device=cpu"), tmp_path / "run")
+    args = small_image_folder_run(tmp_path, 5, 12, 9)
+    metrics = train(make_cfg(*args, "data.num_workers=0", "method=fixmatch", "method.fixmatch_threshold=0.01",
+                             "trainer.max_steps=3", "trainer.eval_every=3", "trainer.log_every=1"), tmp_path / "run")
+    events = scalar_tags(tmp_path / "run")
     assert metrics["step"] == 3
-    assert {"train/loss_fixmatch", "train/fixmatch_mask"} <= scalar_tags(tmp_path / "run")  # the strong views arrived
+    # every target sample pseudo-labelled from its weak view and trained on its strong one
+    assert [e.value for e in events.Scalars("train/fixmatch_mask")] == [1.0] * 3
+    assert all(e.value > 0 for e in events.Scalars("train/loss_fixmatch"))
 
 
 def test_training_on_image_files_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    rng = np.random.default_rng(4)
-    write_class_folders(tmp_path / "src", 12, rng)
-    write_class_folders(tmp_path / "tgt", 9, rng, ext="png")
-    args = ["data=image_folder", f"data.source_dir={tmp_path / 'src'}", f"data.target_dir={tmp_path / 'tgt'}",
-            "data.image_size=28", "data.resize=32", "data.num_workers=2", "backbone=lenet", "method=dann",
-            "trainer.batch_size=4", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3",
-            "trainer.log_every=1", "trainer.eval_batch_size=8", "trainer.validation_samples=8",
-            "trainer.progress=false", "trainer.analysis=false", "device=cpu"]
+    args = [*small_image_folder_run(tmp_path, 4, 12, 9), "data.num_workers=2", "method=dann",
+            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=1"]
     reference = train(make_cfg(*args), tmp_path / "ref")
     resumed = crash_and_resume(monkeypatch, "dann", 4, args, tmp_path / "run")
 

@@ -17,7 +17,7 @@ from da_runner.methods.shot import SHOT, centroid_pseudo_labels
 from da_runner.nn.losses import information_maximization_terms
 from da_runner.trainer import target_pass, train
 from conftest import TINY_DIGITS, TINY_TOY, crash_and_resume, load_ckpt, make_cfg
-from fake_images import write_class_folders, write_image
+from fake_images import small_image_folder_run, write_image
 from test_trainer import scalar_tags
 
 # No dropout in the bottleneck for the hand computations: the forward pass is then a function of the batch.
@@ -281,16 +281,10 @@ def test_a_run_trains_its_features_and_resumes_exactly_after_a_pseudo_label_refr
 
 
 def test_shot_trains_on_image_files(tmp_path):
-    rng = np.random.default_rng(5)
-    write_class_folders(tmp_path / "src", 8, rng)
-    write_class_folders(tmp_path / "tgt", 6, rng, ext="png")
-    metrics = train(make_cfg("data=image_folder", f"data.source_dir={tmp_path / 'src'}",
-                             f"data.target_dir={tmp_path / 'tgt'}", "data.image_size=28", "data.resize=32",
-                             "data.num_workers=0", "backbone=lenet", "method=shot", "method.pretrain_steps=2",
-                             "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every=4",
-                             "trainer.eval_batch_size=8", "trainer.validation_samples=8", "trainer.validators=[source_acc]",
-                             "trainer.progress=false",
-                             "trainer.analysis=false", "device=cpu"), tmp_path / "run")
+    args = small_image_folder_run(tmp_path, 5, 8, 6)
+    metrics = train(make_cfg(*args, "data.num_workers=0", "method=shot", "method.pretrain_steps=2",
+                             "trainer.max_steps=4", "trainer.eval_every=4", "trainer.validators=[source_acc]"),
+                    tmp_path / "run")
     state = load_ckpt(tmp_path / "run" / "checkpoints" / "last.pt")
     assert metrics["step"] == 4 and state["method"]["pseudo_labels"].min() >= 0
 
