@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from da_runner import checkpoint
-from da_runner.ema import WeightAverage
 from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
@@ -61,20 +60,29 @@ class DIRTT(ClusterAssumptionMixin, Method):
         self.teacher_every = int(options.teacher_every)
         if self.teacher_every < 1:
             raise UserError(f"method.teacher_every must be a positive number of steps, got {options.teacher_every}")
-        student = Classifier(self.features, self.classifier)  # not a submodule: the weights are registered once
-        # The teacher is never trained and runs in eval mode (no dropout, running BatchNorm statistics).
+        self.average_decay = float(options.average_decay)
+        if not 0 < self.average_decay < 1:
+            raise UserError(f"method.average_decay must lie in (0, 1), got {options.average_decay}")
+        student = self.student()
+        # The average and the teacher are modules of the method, so they move with it (device, memory
+        # format) and live in its state dict. Neither is trained; the teacher runs in eval mode (no
+        # dropout, running BatchNorm statistics), as the authors' code runs it.
+        self.average = copy.deepcopy(student).requires_grad_(False)
         self.teacher = copy.deepcopy(student).requires_grad_(False)
-        self.average = WeightAverage(student, float(options.average_decay))
         if options.get("init_from"):  # null only when a checkpoint replaces every weight (resume, da-eval)
             raw, average = vada_weights(str(options.init_from))
             try:
                 student.load_state_dict(raw)
+                self.average.load_state_dict(average)
                 self.teacher.load_state_dict(average)
             except RuntimeError as err:
                 raise UserError(f"method.init_from={options.init_from} holds another network than backbone="
                                 f"{cfg.backbone.name} builds for this data ({' '.join(str(err).split()[:40])})") from err
-            self.average.load_state_dict({"average": average})
         self.setup_optimizers()
+
+    def student(self) -> Classifier:
+        """The trained network as one module (not a submodule: its weights are registered once)."""
+        return Classifier(self.features, self.classifier)
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:
         return super().param_groups(*(modules or (self.features, self.classifier)))
@@ -83,6 +91,17 @@ class DIRTT(ClusterAssumptionMixin, Method):
         super().train(mode)
         self.teacher.eval()
         return self
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """average <- decay * average + (1 - decay) * model, every floating-point tensor (BatchNorm's
+        running statistics too; its batch counter is copied)."""
+        live, average = self.student().state_dict(), self.average.state_dict()
+        floats = [name for name, tensor in live.items() if tensor.is_floating_point()]
+        torch._foreach_lerp_([average[n] for n in floats], [live[n] for n in floats], 1.0 - self.average_decay)
+        for name, tensor in live.items():
+            if not tensor.is_floating_point():
+                average[name].copy_(tensor)
 
     def step(self, batch: Batch, ctx: StepContext):
         options = self.cfg.method
@@ -94,14 +113,7 @@ class DIRTT(ClusterAssumptionMixin, Method):
         loss = (float(options.teacher_weight) * terms["loss_teacher"]
                 + float(options.target_weight) * (terms["loss_entropy"] + terms["loss_vat_target"]))
         self.optimizer_step(self.optimizers["main"], loss)
-        self.average.update()
+        self.update_average()
         if (ctx.step + 1) % self.teacher_every == 0:
-            self.teacher.load_state_dict(self.average.average)
+            self.teacher.load_state_dict(self.average.state_dict())
         return {"loss": loss.detach(), **{name: value.detach() for name, value in terms.items()}}
-
-    def checkpoint_state(self) -> dict:
-        return {**super().checkpoint_state(), "average": self.average.state_dict()}
-
-    def load_checkpoint_state(self, state: dict) -> None:
-        super().load_checkpoint_state(state)
-        self.average.load_state_dict(state["average"])
