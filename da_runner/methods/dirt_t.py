@@ -30,7 +30,7 @@ from da_runner import checkpoint
 from da_runner.errors import UserError
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
-from da_runner.methods.vada import Classifier, ClusterAssumptionMixin
+from da_runner.methods.vada import ClusterAssumptionMixin
 from da_runner.nn.losses import soft_cross_entropy
 
 
@@ -79,10 +79,6 @@ class DIRTT(ClusterAssumptionMixin, Method):
                 raise UserError(f"method.init_from={options.init_from} holds another network than backbone="
                                 f"{cfg.backbone.name} builds for this data ({' '.join(str(err).split()[:40])})") from err
         self.setup_optimizers()
-
-    def student(self) -> Classifier:
-        """The trained network as one module (not a submodule: its weights are registered once)."""
-        return Classifier(self.features, self.classifier)
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:
         return super().param_groups(*(modules or (self.features, self.classifier)))

@@ -43,12 +43,15 @@ class Classifier(nn.Module):
 class ClusterAssumptionMixin:
     """The target terms VADA and DIRT-T share: conditional entropy plus VAT, and VAT on any batch."""
 
+    def student(self) -> Classifier:
+        """The trained network as one module (not a submodule: its weights are registered once)."""
+        return Classifier(self.features, self.classifier)
+
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
     def vat(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        model = Classifier(self.features, self.classifier)  # a view of the method's own modules
-        return virtual_adversarial_loss(model, x, logits, float(self.cfg.method.vat_radius))
+        return virtual_adversarial_loss(self.student(), x, logits, float(self.cfg.method.vat_radius))
 
     def cluster_terms(self, x_t: torch.Tensor, logits_t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss_entropy": entropy_loss(logits_t), "loss_vat_target": self.vat(x_t, logits_t)}
