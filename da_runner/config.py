@@ -81,6 +81,9 @@ def validate(cfg: DictConfig) -> None:
         threshold = cfg.method.get(key)
         if threshold is not None and (not _is_number(threshold) or not 0 < threshold <= 1):
             raise UserError(f"method.{key} must be a probability in (0, 1], got {threshold!r}")
+    for key in ("fixmatch_align", "fixmatch_relative"):
+        if not isinstance(cfg.method.get(key, False), bool):
+            raise UserError(f"method.{key} must be true or false, got {cfg.method[key]!r}")
     alpha = cfg.method.get("teacher_alpha")  # mean teacher's EMA decay; 1 would freeze the teacher at its start
     if alpha is not None and (not _is_number(alpha) or not 0 <= alpha < 1):
         raise UserError(f"method.teacher_alpha must be a number in [0, 1) (the teacher's EMA decay, e.g. 0.99), "

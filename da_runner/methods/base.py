@@ -218,14 +218,16 @@ class Method(nn.Module):
         """The weight of the method's adaptation term: `method.trade_off` times `ramp(ctx)`."""
         return float(self.cfg.method.get("trade_off", 1.0)) * self.ramp(ctx)
 
-    def target_prediction_terms(self, logits_t: torch.Tensor, ctx: StepContext,
-                                batch: Batch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def target_prediction_terms(self, logits_t: torch.Tensor, ctx: StepContext, batch: Batch | None = None,
+                                logits_s: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Entropy minimisation, BNM, the class-balance (diversity) term and FixMatch's term on the
         target predictions, weighted by `method.entropy_weight`, `method.bnm_weight`,
         `method.balance_weight` and `method.fixmatch_weight` (0 or absent = off) times `ramp(ctx)`.
         Entropy plus balance is information maximisation (IM). FixMatch's term (`fixmatch_loss`)
         takes the pseudo-labels from `logits_t` and trains the classifier on the strong view,
-        `batch.x_t_views[0]` (the first of `extra_target_views`).
+        `batch.x_t_views[0]` (the first of `extra_target_views`); AdaMatch's distribution alignment
+        and relative threshold (`method.fixmatch_align`, `method.fixmatch_relative`) read the
+        source batch's logits `logits_s`.
         Returns the weighted sum to add to the loss and the unweighted terms to log (`loss_entropy`,
         `loss_bnm`, `loss_balance`, `loss_fixmatch` and `fixmatch_mask`, the share of target samples
         confident enough to be pseudo-labelled)."""
@@ -241,7 +243,9 @@ class Method(nn.Module):
         fixmatch_weight = float(self.cfg.method.get("fixmatch_weight", 0.0))
         if fixmatch_weight > 0:
             logits_strong = self.classifier(self.features(batch.x_t_views[0]))
-            term, kept = fixmatch_loss(logits_t, logits_strong, float(self.cfg.method.fixmatch_threshold))
+            term, kept = fixmatch_loss(logits_t, logits_strong, float(self.cfg.method.fixmatch_threshold), logits_s,
+                                       align=bool(self.cfg.method.get("fixmatch_align", False)),
+                                       relative=bool(self.cfg.method.get("fixmatch_relative", False)))
             total = total + fixmatch_weight * self.ramp(ctx) * term
             terms.update(loss_fixmatch=term.detach(), fixmatch_mask=kept)
         return total, terms
@@ -308,7 +312,7 @@ class LossTermMethod(Method):
             term, logs = adaptation
             loss = loss + self.trade_off(ctx) * term
             terms.update({k: v.detach() for k, v in logs.items()})
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch)
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch, logits[:n_s])
         loss = loss + loss_target_predictions
         terms.update(target_terms)
         self.optimizer_step(self.optimizers["main"], loss)

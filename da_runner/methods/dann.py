@@ -86,7 +86,7 @@ class DANN(Method):
             loss_bsp = bsp_penalty(f[:n_s], f[n_s:], self.bsp_k)
             loss = loss + self.bsp_weight * loss_bsp
             terms["loss_bsp"] = loss_bsp.detach()
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch)
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch, logits[:n_s])
         loss = loss + loss_target_predictions
         terms.update(target_terms)
         self.optimizer_step(self.optimizers["main"], loss)

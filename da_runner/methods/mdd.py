@@ -39,7 +39,7 @@ class MDD(Method):
         loss_mdd = mdd_adversary_loss(logits_adv[:n_s], logits_adv[n_s:], predicted[:n_s], predicted[n_s:],
                                       float(self.cfg.method.margin))
         loss = loss_cls + self.trade_off(ctx) * loss_mdd
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch)
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch, logits[:n_s])
         loss = loss + loss_target_predictions
         self.optimizer_step(self.optimizers["main"], loss)
         return {"loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mdd": loss_mdd.detach(), **target_terms}

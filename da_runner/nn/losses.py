@@ -249,8 +249,9 @@ def mcc_loss(logits_t: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
 
 
 @in_float32
-def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor,
-                  threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, threshold: float,
+                  logits_source: torch.Tensor | None = None, align: bool = False,
+                  relative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch's unlabelled loss (Sohn et al., NeurIPS 2020): the class predicted on the weak view
     of each sample is the pseudo-label of its strong view, kept where the weak prediction's
     probability reaches `threshold`:
@@ -258,9 +259,24 @@ def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor,
         mean_i 1[max_k p_ik >= threshold] * CE(logits_strong_i, argmax_k p_ik),  p = softmax(logits_weak)
 
     (a mean over all N samples, masked ones counting 0, as in the paper). No gradient flows
-    through the weak view. Returns the loss and the fraction of samples kept. (N, C), (N, C) -> scalars."""
+    through the weak view. AdaMatch's two changes for domain shift (Berthelot et al., ICLR 2022),
+    from the source batch's predictions q = softmax(logits_source) (weak views, no gradient):
+    `align`, distribution alignment, p <- normalise(p * mean_i q_i / mean_i p_i), so that the
+    target's pseudo-labels follow the source's class proportions; `relative`, the threshold times
+    the source's mean confidence mean_i max_k q_ik (AdaMatch: 0.9 of it). Returns the loss and the
+    fraction of samples kept. (N, C), (N, C) [, (M, C)] -> scalars."""
     with torch.no_grad():
-        confidence, pseudo_labels = F.softmax(logits_weak.detach(), dim=1).max(dim=1)
+        p = F.softmax(logits_weak.detach(), dim=1)
+        if align or relative:
+            if logits_source is None:
+                raise ValueError("distribution alignment and the relative threshold need the source logits")
+            q = F.softmax(logits_source.detach(), dim=1)
+        if align:
+            p = p * q.mean(0) / p.mean(0).clamp_min(1e-6)
+            p = p / p.sum(1, keepdim=True)
+        if relative:
+            threshold = threshold * q.max(dim=1).values.mean()
+        confidence, pseudo_labels = p.max(dim=1)
         mask = (confidence >= threshold).float()
     loss = (F.cross_entropy(logits_strong, pseudo_labels, reduction="none") * mask).mean()
     return loss, mask.mean()
