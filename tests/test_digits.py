@@ -232,6 +232,10 @@ def test_experiments_compose(experiment):
         assert cfg.backbone.label_head_batch_norm and cfg.backbone.domain_head_batch_norm
         if cfg.method.name == "dann":  # one pass per domain, the two domains' losses summed (fungtion/DANN)
             assert cfg.method.separate_forward and cfg.method.domain_weight == 2
+    elif cfg.method.name in ("vada", "dirt_t"):  # the authors' recipe (run_dirtt.py)
+        assert cfg.backbone.name == "vada_small" and cfg.backbone.input_norm == "instance"
+        assert cfg.optim.name == "adam" and cfg.optim.lr == 0.001 and list(cfg.optim.betas) == [0.5, 0.999]
+        assert cfg.optim.schedule == "constant" and cfg.trainer.batch_size == 64 and cfg.trainer.ema == 0.998
     else:  # Transfer-Learning-Library's digits recipe
         assert cfg.trainer.batch_size == 128 and cfg.trainer.max_steps == 50000
         assert cfg.optim.name == "sgd" and cfg.optim.nesterov and cfg.optim.momentum == 0.9
