@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from da_runner.errors import UserError
 from da_runner.methods import METHODS, Batch, StepContext, build_method
-from da_runner.methods.mean_teacher import class_balance_bce, consistency_loss
+from da_runner.nn.losses import class_balance_bce, consistency_loss
 from da_runner.trainer import train
 from conftest import TINY_DIGITS, TINY_TOY, crash_and_resume, load_ckpt, make_cfg
 from test_trainer import scalar_tags

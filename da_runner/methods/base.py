@@ -124,8 +124,8 @@ class Method(nn.Module):
         """The augmentation levels (data.augment's: none, weak, strong) of the further views of each
         target batch that the method trains on. The trainer draws the batch's images once more per
         level, each view with random draws of its own, and hands them over as `Batch.x_t_views` in
-        this order. Empty for most methods; ("strong",) while FixMatch's term is on (a subclass that
-        needs more views appends its own to these)."""
+        this order. Empty for most methods; ("strong",) while FixMatch's term is on; mean teacher
+        overrides it with its teacher's view."""
         return ("strong",) if float(self.cfg.method.get("fixmatch_weight", 0.0)) > 0 else ()
 
     def wants_target_pass(self, ctx: StepContext) -> bool:

@@ -76,8 +76,9 @@ class DIRTT(ClusterAssumptionMixin, Method):
                 self.average.load_state_dict(average)
                 self.teacher.load_state_dict(average)
             except RuntimeError as err:
+                detail = " ".join(str(err).split()[:40])
                 raise UserError(f"method.init_from={options.init_from} holds another network than backbone="
-                                f"{cfg.backbone.name} builds for this data ({' '.join(str(err).split()[:40])})") from err
+                                f"{cfg.backbone.name} builds for this data ({detail})") from err
         self.setup_optimizers()
 
     def param_groups(self, *modules: nn.Module) -> list[dict]:

@@ -41,32 +41,10 @@ Logged: `train/loss_cls`, `train/loss_consistency`, `train/loss_class_balance`,
 import copy
 
 import torch
-import torch.nn.functional as F
 
 from da_runner.methods.base import Batch, Method, StepContext, build_optimizer
 from da_runner.methods.registry import register
-
-
-def consistency_loss(logits_student: torch.Tensor, logits_teacher: torch.Tensor,
-                     threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-ensembling's confidence-thresholded consistency: mean_i m_i * mean_k (p_ik - q_ik)^2 with
-    p = softmax(logits_student), q = softmax(logits_teacher) and m_i = 1[max_k q_ik >= threshold].
-    The teacher's side carries no gradient. (N, C), (N, C) -> the loss (scalar) and the mask (N,)
-    as floats."""
-    p = F.softmax(logits_student.float(), dim=1)
-    q = F.softmax(logits_teacher.detach().float(), dim=1)
-    # >=, as FixMatch's threshold here; the reference compares with > (the same but for exact ties).
-    mask = (q.max(dim=1).values >= threshold).float()
-    return ((p - q).pow(2).mean(dim=1) * mask).mean(), mask
-
-
-def class_balance_bce(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Self-ensembling's class-balance loss: sum_k BCE(a_k, 1 / C), a_k = mean_i softmax(logits)_ik,
-    the binary cross-entropy between each class's mean predicted probability and the uniform share,
-    smallest when the predictions spread evenly over the C classes. (N, C) -> scalar."""
-    a = F.softmax(logits.float(), dim=1).mean(dim=0)
-    u = 1.0 / logits.shape[1]
-    return -(u * torch.log(a + eps) + (1 - u) * torch.log(1 - a + eps)).sum()
+from da_runner.nn.losses import class_balance_bce, consistency_loss
 
 
 @register("mean_teacher")

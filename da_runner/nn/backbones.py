@@ -487,9 +487,11 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         input_norm = cfg.get("input_norm") or "none"
         if input_norm not in INPUT_NORMS:
-            raise UserError(f"backbone.input_norm must be one of {', '.join(INPUT_NORMS)} (or null), got {input_norm!r}")
+            raise UserError(f"backbone.input_norm must be one of {', '.join(INPUT_NORMS)} (or null), "
+                            f"got {input_norm!r}")
         if input_norm == "instance" and len(input_shape) != 3:
-            raise UserError(f"backbone.input_norm=instance needs images, but the data gives inputs of shape {tuple(input_shape)}")
+            raise UserError("backbone.input_norm=instance needs images, but the data gives inputs of shape "
+                            f"{tuple(input_shape)}")
         self.input_norm = InputInstanceNorm() if input_norm == "instance" else nn.Identity()
         self.backbone = build_backbone(cfg, input_shape)
         options = cfg.get("bottleneck") or {}
