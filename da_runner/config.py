@@ -91,6 +91,16 @@ def validate(cfg: DictConfig) -> None:
     if "init_from" in cfg.method and not cfg.method.init_from and not cfg.resume:
         raise UserError(f"method={cfg.method.name} starts from a finished run: set method.init_from=<its run "
                         "directory or a checkpoint file>")
+    d_lr, ndf = cfg.method.get("discriminator_lr"), cfg.method.get("discriminator_ndf")  # advent's discriminator
+    if d_lr is not None and (not _is_number(d_lr) or d_lr < 0):
+        raise UserError(f"method.discriminator_lr must be a number >= 0, got {d_lr!r}")
+    if ndf is not None and (not _is_int(ndf) or ndf <= 0):
+        raise UserError(f"method.discriminator_ndf must be a positive integer, got {ndf!r}")
+    if cfg.data.get("task", "classification") not in ("classification", "segmentation"):
+        raise UserError(f"data.task must be classification or segmentation, got {cfg.data.task!r}")
+    if cfg.data.get("task") == "segmentation" and (augment or "none") != "none":
+        raise UserError(f"data.augment={augment} is not supported on segmentation pairs (the augmentations move "
+                        f"pixels, and the label maps would not follow them); use data.augment=none")
     radius = cfg.method.get("vat_radius")
     if radius is not None and (not _is_number(radius) or radius <= 0):
         raise UserError(f"method.vat_radius must be a number > 0, got {radius!r}")
@@ -105,7 +115,7 @@ def validate(cfg: DictConfig) -> None:
     ramp_steps = cfg.grl.get("ramp_steps")
     if ramp_steps is not None and (not _is_int(ramp_steps) or ramp_steps <= 0):
         raise UserError(f"grl.ramp_steps must be null or a positive integer, got {ramp_steps!r}")
-    for key in ("gamma", "decay"):
+    for key in ("gamma", "decay", "power"):
         value = cfg.optim.get(key, 0.0)
         if not _is_number(value) or value < 0:
             raise UserError(f"optim.{key} must be a number >= 0, got {value!r}")

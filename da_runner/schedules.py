@@ -12,7 +12,7 @@ resumed run and a sweep see the same curve. Two families:
 import math
 
 GRL_SCHEDULES = ("constant", "ganin", "linear", "step", "warm_start")
-LR_SCHEDULES = ("constant", "ganin", "inv")
+LR_SCHEDULES = ("constant", "ganin", "inv", "poly")
 
 
 def _sigmoid_ramp(x: float) -> float:
@@ -56,4 +56,7 @@ def lr_factor(step: int, max_steps: int, cfg) -> float:
     if name == "inv":
         # Caffe's "inv" policy, used by Transfer-Learning-Library: lr_i = lr0 * (1 + gamma * i) ** -decay.
         return (1.0 + float(cfg.gamma) * step) ** -float(cfg.decay)
+    if name == "poly":
+        # DeepLab's "poly" policy, used by ADVENT: lr_p = lr0 * (1 - p) ** power.
+        return (1.0 - p) ** float(cfg.get("power", 0.9))
     raise ValueError(f"unknown lr schedule {name!r}; choose one of {LR_SCHEDULES}")

@@ -19,12 +19,21 @@ Closed and partial pairs read the K known-class logits only (an OSBP classifier 
 its unknown output, which these pairs have no label for); so do the source accuracy and the validators
 in every setting.
 
+Segmentation pairs (`data.task: segmentation`, da_runner/data/segmentation.py) label every pixel:
+labels (N, H, W), logits (N, C, H, W); pixels labelled IGNORE_INDEX (255, Cityscapes' "void") count
+nowhere. SegmentationTask reports target_acc (pixel accuracy), target_miou (the mean over classes of
+the intersection over union TP / (TP + FP + FN), over the classes present in the labels or predicted)
+and target_iou_<class> per class; target_miou names the oracle.
+
 Validators by setting (every one reads target inputs only):
     closed    source_acc, entropy, im, snd, dev
     partial   source_acc, entropy, snd, dev: not im, whose diversity term rewards spreading the
               target's predictions over every source class, the ones the target lacks included
     open_set  source_acc, entropy, snd, dev (on the K known-class outputs): not im, which likewise
               rewards spreading the unknown samples over the known classes
+    segmentation  source_acc (source pixel accuracy), entropy (mean pixel entropy): im's diversity term
+              would reward predicting the rare classes as often as the background, and snd and dev
+              compare samples, not pixels
 """
 
 import logging
@@ -45,9 +54,12 @@ CLASSIFICATION_VALIDATORS = {
 }
 
 
+IGNORE_INDEX = 255  # a segmentation label that counts nowhere (Cityscapes' void pixels)
+
+
 def accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of correct predictions. (N,), (N,) -> float."""
-    return (predicted == labels).sum().item() / len(labels)
+    """Fraction of correct predictions: (N,), (N,) or, per pixel, (N, H, W), (N, H, W) -> float."""
+    return (predicted == labels).sum().item() / labels.numel()
 
 
 def per_class_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
@@ -81,8 +93,9 @@ class ClassificationTask:
     def __init__(self, label_space: LabelSpace):
         self.label_space = label_space
         self.setting = label_space.setting
-        # the keys each evaluation adds for the target test split; target_acc first (it names the oracle)
+        # the keys each evaluation adds for the target test split; target_acc first
         self.metric_names: tuple[str, ...] = ("target_acc", "target_mean_class_acc")
+        self.primary_metric = "target_acc"  # the oracle's: the best evaluation by target labels
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -124,6 +137,13 @@ class ClassificationTask:
 
     def check_method(self, method) -> None:
         """Refuse a method the setting cannot train."""
+        if "classification" not in method.tasks:
+            raise UserError(f"method={method.cfg.method.name} trains segmentation networks only; this pair is a "
+                            f"classification pair")
+
+    def evaluation_images(self, method, pair) -> dict[str, torch.Tensor]:
+        """Pictures to log at every evaluation, by TensorBoard tag: none for classification."""
+        return {}
 
 
 class OpenSetTask(ClassificationTask):
@@ -150,13 +170,114 @@ class OpenSetTask(ClassificationTask):
                 **open_set_metrics(predicted, labels, self.label_space.unknown_label)}
 
     def check_method(self, method) -> None:
+        super().check_method(method)
         if method.uses_target_labels:
             raise UserError(f"method={method.cfg.method.name} trains on target labels, which an open-set pair gives "
                             f"only for evaluation (its unknown classes have no source label)")
 
 
-def build_task(pair, data) -> ClassificationTask:
-    """The task of a pair: its label space's setting, with `data.unknown_threshold` for open-set pairs."""
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[i, j]: pixels of class i predicted as j, over every pixel not labelled IGNORE_INDEX.
+    (N, H, W), (N, H, W) -> (C, C) int64."""
+    keep = labels != IGNORE_INDEX
+    index = labels[keep].long() * num_classes + predicted[keep].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def intersection_over_union(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU TP / (TP + FP + FN) of a confusion matrix (C, C) -> (C,), NaN for a class that is
+    neither labelled nor predicted (no union)."""
+    counts = counts.double()
+    true_positive = counts.diagonal()
+    union = counts.sum(0) + counts.sum(1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+# Colours of the label maps in TensorBoard (ignored pixels: black): background dark grey, then one per class.
+PALETTE = torch.tensor([[64, 64, 64], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                        [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
+                        [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]], dtype=torch.float32) / 255
+
+
+def colorize(labels: torch.Tensor) -> torch.Tensor:
+    """Label maps (N, H, W) -> RGB images (N, 3, H, W) in [0, 1]; IGNORE_INDEX black."""
+    labels = labels.long().cpu()
+    palette = torch.cat([PALETTE, torch.zeros(1, 3)])
+    index = torch.where(labels == IGNORE_INDEX, len(PALETTE), labels % len(PALETTE))
+    return palette[index].permute(0, 3, 1, 2)
+
+
+class SegmentationTask:
+    """Semantic segmentation: every pixel is labelled with one of the source's classes (background
+    included); metrics from the confusion matrix over all target test pixels."""
+
+    setting = "closed"  # every target class is a source class
+    validator_names = ("source_acc", "entropy")
+    image_count = 8  # target test samples pictured at every evaluation
+
+    def __init__(self, label_space: LabelSpace):
+        self.label_space = label_space
+        self.num_classes = label_space.num_classes
+        self.iou_names = tuple(f"target_iou_{name}" for name in label_space.class_names)
+        self.metric_names = ("target_acc", "target_miou", *self.iou_names)
+        self.primary_metric = "target_miou"
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.label_space.class_names
+
+    def known_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def predict_known(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) logits -> (N, H, W) labels."""
+        return logits.argmax(1)
+
+    predict = predict_known
+
+    def target_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        predicted = self.predict(logits)
+        keep = labels != IGNORE_INDEX
+        iou = intersection_over_union(confusion_matrix(predicted, labels, self.num_classes))
+        return {"target_acc": (predicted[keep] == labels[keep]).sum().item() / max(1, int(keep.sum())),
+                "target_miou": iou.nanmean().item(),
+                **{name: value for name, value in zip(self.iou_names, iou.tolist())}}
+
+    def target_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        return accuracy(self.predict(logits), labels)
+
+    def validators(self, names, select: str) -> list[str]:
+        if select not in self.validator_names:
+            raise UserError(f"trainer.select={select} does not apply to segmentation pairs; choose one of "
+                            f"{', '.join(self.validator_names)}")
+        skipped = [name for name in names if name not in self.validator_names]
+        if skipped:
+            log.info("validators %s do not apply to segmentation pairs: not computed", ", ".join(skipped))
+        return [name for name in names if name in self.validator_names]
+
+    def check_method(self, method) -> None:
+        if "segmentation" not in method.tasks:
+            raise UserError(f"method={method.cfg.method.name} does not train segmentation networks; on "
+                            f"segmentation pairs use one of source_only, minent, advent, oracle")
+
+    @torch.no_grad()
+    def evaluation_images(self, method, pair) -> dict[str, torch.Tensor]:
+        """The first `image_count` target test samples: input, prediction and ground truth, one row each."""
+        x, labels = next(pair.target_test.batches(self.image_count))
+        was_training = method.training
+        method.eval()
+        predicted = self.predict(method.predict(x))
+        method.train(was_training)
+        return {"eval/target_segmentation": torch.cat([pair.target_test.unnormalize(x).float().cpu(),
+                                                       colorize(predicted), colorize(labels)])}
+
+
+def build_task(pair, data) -> ClassificationTask | SegmentationTask:
+    """The task of a pair: `data.task` (classification | segmentation), then its label space's setting,
+    with `data.unknown_threshold` for open-set pairs."""
+    if data.get("task") == "segmentation":  # data.task and data.augment are checked by config.validate
+        return SegmentationTask(pair.label_space)
     if pair.label_space.setting == "open_set":
         return OpenSetTask(pair.label_space, float(data.get("unknown_threshold", 0.5)))
     return ClassificationTask(pair.label_space)

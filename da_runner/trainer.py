@@ -319,8 +319,11 @@ class Run:
         chosen = self.last_ema_eval if self.ema_select else self.last_eval
         if self.select in update_picks(self.picks, chosen, self.validator_names, self.task.metric_names):
             checkpoint.save(self.state_at(done), self.best_path)
-        if self.oracle is None or chosen["target_acc"] > self.oracle["target_acc"]:
-            self.oracle = {"step": done, "target_acc": chosen["target_acc"]}
+        primary = self.task.primary_metric  # target_acc; target_miou for segmentation
+        if self.oracle is None or chosen[primary] > self.oracle.get(primary, float("-inf")):
+            self.oracle = {"step": done, "target_acc": chosen["target_acc"], primary: chosen[primary]}
+        for tag, images in self.task.evaluation_images(self.method, self.pair).items():
+            self.logger.images(tag, images, done)  # segmentation: input, prediction, ground truth
         if self.draw_boundary:  # 2-D data: the decision boundary at every evaluation (a slider in TensorBoard)
             log_decision_boundary(self.method, self.pair, self.run_dir, self.logger, done, self.max_steps,
                                   self.cfg.method.name)

@@ -16,7 +16,8 @@ from da_runner.errors import UserError
 
 @dataclass
 class InMemoryDomain:
-    """Inputs `x` (N, C, H, W) uint8 images or (N, D) float features, labels `y` (N,) int64."""
+    """Inputs `x` (N, C, H, W) uint8 images or (N, D) float features, labels `y` (N,) int64, or label
+    maps (N, H, W) uint8 for segmentation."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -69,12 +70,17 @@ class InMemoryDomain:
         return unnormalize_images(x, self._mean, self._std) if self.is_image else x
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.prepare(self.x[index]), self.y[index]
+        return self.prepare(self.x[index]), self.labels(index)
+
+    def labels(self, index: torch.Tensor) -> torch.Tensor:
+        """int64 labels of the samples at `index`: (N,) or, for segmentation, (N, H, W) maps (stored as
+        uint8 to take an eighth of the memory)."""
+        return self.y[index].long()
 
     def augmented_batch(self, index: torch.Tensor, level: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The samples at `index`, augmented at `level` with the draws of `seed`, then normalised."""
         images = augment(self.x[index].float().div_(255.0), level, seed)
-        return (images - self._mean) / self._std, self.y[index]
+        return (images - self._mean) / self._std, self.labels(index)
 
     def batches(self, batch_size: int):
         """Sequential batches over the whole domain, for evaluation."""
@@ -136,7 +142,7 @@ class BatchStream:
         index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
         views = [self.domain.augmented_batch(index, check_level(level), batch_seed(self.seed, epoch, start, view))[0]
                  for view, level in enumerate(levels)]
-        return views, self.domain.y[index]
+        return views, self.domain.labels(index)
 
     def state_dict(self) -> dict:
         return self.order.state_dict()

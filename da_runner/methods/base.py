@@ -108,13 +108,17 @@ class Method(nn.Module):
     # True only for upper-bound baselines that train on target labels: the trainer then passes them
     # in the batch and marks the run's metrics as not UDA.
     uses_target_labels = False
+    # The kinds of pair the method trains on (da_runner/tasks.py): image or vector classification, and
+    # semantic segmentation (per-pixel logits (N, C, H, W) from a dense backbone, e.g. backbone=fcn_digits).
+    tasks: tuple[str, ...] = ("classification",)
 
     def __init__(self, cfg, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
         self.features = build_features(cfg.backbone, input_shape)  # G: backbone + bottleneck
-        self.classifier = label_head(cfg.backbone, self.features.out_features, num_classes)
+        # A dense backbone's feature maps get a convolutional head that upsamples to the input's size.
+        self.classifier = label_head(cfg.backbone, self.features.out_features, num_classes, self.features.output_stride)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # trainer.precision=fp16 replaces it with an enabled one; disabled, it passes losses and steps through.
         self.grad_scaler = torch.amp.GradScaler(enabled=False)
@@ -160,9 +164,11 @@ class Method(nn.Module):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, d) and class logits (N, num_classes) of the model used for evaluation (the
-        validators and analyses read the features)."""
+        validators and analyses read the features). A segmentation network's logits are per pixel,
+        (N, num_classes, H, W), and its feature maps (N, d, h, w) are averaged over positions to (N, d)."""
         f = self.features(x)
-        return f, self.classifier(f)
+        logits = self.classifier(f)
+        return (f.flatten(2).mean(2) if f.dim() == 4 else f), logits
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,3 +14,6 @@ from da_runner.methods.registry import register
 @register("minent")
 class MinEnt(LossTermMethod):
     """No adaptation term of its own: the target-prediction add-on (`entropy_weight`) is the method."""
+
+    tasks = ("classification", "segmentation")  # per-pixel logits and labels work unchanged
+

@@ -14,6 +14,7 @@ from da_runner.methods.registry import register
 
 @register("oracle")
 class Oracle(Method):
+    tasks = ("classification", "segmentation")  # per-pixel logits and labels work unchanged
     uses_target_labels = True
 
     def __init__(self, cfg, input_shape, num_classes):

@@ -8,6 +8,8 @@ from da_runner.methods.registry import register
 
 @register("source_only")
 class SourceOnly(Method):
+    tasks = ("classification", "segmentation")  # per-pixel logits and labels work unchanged
+
     def __init__(self, cfg, input_shape, num_classes):
         super().__init__(cfg, input_shape, num_classes)
         self.setup_optimizers()

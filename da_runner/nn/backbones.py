@@ -393,6 +393,41 @@ class TimmBackbone(nn.Module):
         return self.net(x)
 
 
+class FcnDigits(nn.Module):
+    """A small fully-convolutional network for the 64x64 segmentation digits (data=digits_seg): stages
+    of two 3x3 conv -> BatchNorm -> ReLU blocks, a 2x2 max-pool before every stage but the first. The
+    last stage's convolutions are dilated (rate 2), which widens the receptive field to a whole digit
+    without pooling further (DeepLab's way of keeping resolution). The features are maps of
+    `channels[-1]` at 1 / `output_stride` of the input's size (a quarter with the default three
+    stages); the label head (nn/heads.conv_head) upsamples its logits back to the input's size."""
+
+    def __init__(self, input_shape: tuple[int, ...], cfg=None):
+        super().__init__()
+        _require_image("fcn_digits", input_shape, 16)
+        channels = [int(c) for c in (cfg.get("channels") if cfg is not None else None) or (16, 32, 64)]
+        if not channels or min(channels) < 1:
+            raise UserError(f"backbone.channels must be a list of positive widths, got {channels}")
+        layers: list[nn.Module] = []
+        width = input_shape[0]
+        for stage, out in enumerate(channels):
+            if stage > 0:
+                layers.append(nn.MaxPool2d(2))
+            dilation = 2 if stage == len(channels) - 1 and stage > 0 else 1
+            for _ in range(2):
+                layers += [nn.Conv2d(width, out, 3, padding=dilation, dilation=dilation, bias=False),
+                           nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                width = out
+        self.net = nn.Sequential(*layers)
+        self.out_features = width
+        self.output_stride = 2 ** (len(channels) - 1)
+        if input_shape[1] % self.output_stride or input_shape[2] % self.output_stride:
+            raise UserError(f"backbone=fcn_digits needs image sides divisible by its output stride "
+                            f"{self.output_stride}, got {tuple(input_shape[1:])}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class GaussianNoise(nn.Module):
     """Adds N(0, std^2) noise in training mode only (VADA's regulariser after each pooling stage)."""
 
@@ -437,7 +472,7 @@ class VadaSmall(nn.Module):
 
 
 BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP,
-             "vada_small": VadaSmall,
+             "vada_small": VadaSmall, "fcn_digits": FcnDigits,
              **{name: TorchvisionResNet for name in TORCHVISION_RESNETS}, "timm": TimmBackbone}
 
 
@@ -494,8 +529,13 @@ class FeatureExtractor(nn.Module):
                             f"{tuple(input_shape)}")
         self.input_norm = InputInstanceNorm() if input_norm == "instance" else nn.Identity()
         self.backbone = build_backbone(cfg, input_shape)
+        # Dense backbones (segmentation) give feature maps (N, d, h, w) at 1/output_stride of the input.
+        self.output_stride: int | None = getattr(self.backbone, "output_stride", None)
         options = cfg.get("bottleneck") or {}
         width = options.get("width")
+        if width is not None and self.output_stride is not None:
+            raise UserError(f"backbone={cfg.name} gives feature maps for segmentation; it takes no bottleneck "
+                            f"(set backbone.bottleneck.width=null)")
         if width is None:
             self.bottleneck = nn.Identity()
             self.out_features = self.backbone.out_features

@@ -307,8 +307,28 @@ def class_balance_bce(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(u * torch.log(a + eps) + (1 - u) * torch.log(1 - a + eps)).sum()
 
 
+@in_float32
+def self_information(logits: torch.Tensor) -> torch.Tensor:
+    """ADVENT's weighted self-information maps (Vu et al., CVPR 2019): I = -p log2 p / log2 C per class
+    and pixel, p = softmax over the C classes; summed over the classes it is the pixel's entropy
+    normalised to [0, 1] (the reference code's prob_2_entropy). Logits (N, C, H, W) -> (N, C, H, W),
+    what the AdvEnt discriminator sees."""
+    p = F.softmax(logits, dim=1)
+    return -p * torch.log2(p + 1e-30) / math.log2(logits.shape[1])
+
+
+def map_discriminator_loss(d_out: torch.Tensor, is_source: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy of a fully-convolutional discriminator's logit maps (N, 1, h, w) against one
+    domain label for every position (source 1, target 0), and the share of positions it gets right."""
+    target = torch.full_like(d_out, 1.0 if is_source else 0.0)
+    loss = F.binary_cross_entropy_with_logits(d_out.float(), target.float())
+    return loss, ((d_out > 0) == bool(is_source)).float().mean()
+
+
 def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004): mean prediction entropy (nats). (N, C) -> scalar."""
+    """Entropy minimisation (Grandvalet & Bengio, NeurIPS 2004): mean prediction entropy (nats). (N, C), or per
+    pixel (N, C, H, W) (ADVENT's MinEnt, whose entropy is in bits over log2 C: the same up to the factor ln C),
+    -> scalar."""
     return entropy(F.softmax(logits, dim=1)).mean()
 
 

@@ -1,0 +1,198 @@
+"""Semantic segmentation: the task's metrics, the dense network, AdvEnt's pieces and losses, and runs on
+the embedded segmentation pair (train, parameters change, exact resume, TensorBoard)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import crash_and_resume, make_cfg, read_metrics
+from da_runner.data.classes import LabelSpace
+from da_runner.errors import UserError
+from da_runner.methods import build_method
+from da_runner.methods.advent import map_discriminator
+from da_runner.methods.base import Batch, StepContext
+from da_runner.nn.backbones import build_features
+from da_runner.nn.losses import entropy_loss, map_discriminator_loss, self_information
+from da_runner.tasks import IGNORE_INDEX, SegmentationTask, colorize, confusion_matrix, intersection_over_union
+from da_runner.trainer import train
+
+TINY_SEG = ["data=embedded_digits_seg", "backbone=fcn_digits", "data.source_size=64", "data.target_train_size=32",
+            "data.target_test_size=16", "trainer.batch_size=4", "trainer.progress=false", "trainer.analysis=false",
+            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.ckpt_every=2", "backbone.channels=[4,8]",
+            "backbone.label_head=[8]"]
+
+
+def task(num_classes=3) -> SegmentationTask:
+    return SegmentationTask(LabelSpace.closed(tuple(f"c{i}" for i in range(num_classes))))
+
+
+def logits_for(predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Logits (N, C, H, W) whose argmax is `predicted` (N, H, W)."""
+    return F.one_hot(predicted, num_classes).permute(0, 3, 1, 2).float()
+
+
+def test_miou_and_pixel_accuracy_against_a_hand_computation():
+    labels = torch.tensor([[[0, 0, 1], [1, 2, IGNORE_INDEX]]])
+    predicted = torch.tensor([[[0, 1, 1], [1, 1, 2]]])  # the ignored pixel's prediction must not count
+    # class 0: TP 1, FP 0, FN 1 -> 1/2; class 1: TP 2, FP 2 (a 0 and the 2), FN 0 -> 2/4; class 2: TP 0, FN 1 -> 0
+    metrics = task().target_metrics(logits_for(predicted, 3), labels)
+    assert metrics["target_acc"] == pytest.approx(3 / 5)
+    assert metrics["target_iou_c0"] == pytest.approx(0.5)
+    assert metrics["target_iou_c1"] == pytest.approx(0.5)
+    assert metrics["target_iou_c2"] == pytest.approx(0.0)
+    assert metrics["target_miou"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+
+
+def test_a_class_neither_labelled_nor_predicted_is_left_out_of_the_mean():
+    labels = torch.tensor([[[0, 1], [1, 1]]])
+    iou = intersection_over_union(confusion_matrix(labels, labels, 4))
+    assert iou[:2].tolist() == [1.0, 1.0] and math.isnan(iou[2]) and math.isnan(iou[3])
+    assert task(4).target_metrics(logits_for(labels, 4), labels)["target_miou"] == 1.0
+
+
+def test_confusion_matrix_counts_labels_by_row_and_predictions_by_column():
+    counts = confusion_matrix(torch.tensor([[1, 1, 0]]), torch.tensor([[0, 1, IGNORE_INDEX]]), 2)
+    assert counts.tolist() == [[0, 1], [0, 1]]
+
+
+def test_segmentation_validators_and_method_checks():
+    seg = task()
+    assert seg.validators(["source_acc", "entropy", "im", "snd"], "entropy") == ["source_acc", "entropy"]
+    with pytest.raises(UserError, match="trainer.select=snd does not apply to segmentation"):
+        seg.validators(["snd"], "snd")
+    cfg = make_cfg(*TINY_SEG, "method=dann")
+    method = build_method(cfg, (3, 64, 64), 11)
+    with pytest.raises(UserError, match="method=dann does not train segmentation networks"):
+        seg.check_method(method)
+
+
+def test_fcn_gives_feature_maps_and_the_head_upsamples_logits_to_the_input():
+    cfg = make_cfg(*TINY_SEG, "method=source_only")
+    features = build_features(cfg.backbone, (3, 64, 64))
+    assert features.output_stride == 2 and features.out_features == 8
+    assert features(torch.zeros(2, 3, 64, 64)).shape == (2, 8, 32, 32)
+    method = build_method(cfg, (3, 64, 64), 11)
+    f, logits = method.embed(torch.zeros(2, 3, 64, 64))
+    assert f.shape == (2, 8) and logits.shape == (2, 11, 64, 64)  # features averaged over positions
+
+
+def test_a_dense_backbone_refuses_a_bottleneck():
+    cfg = make_cfg(*TINY_SEG, "backbone.bottleneck.width=16")
+    with pytest.raises(UserError, match="takes no bottleneck"):
+        build_features(cfg.backbone, (3, 64, 64))
+
+
+def test_self_information_sums_to_the_normalised_entropy():
+    logits = torch.randn(2, 5, 3, 4)
+    p = F.softmax(logits, dim=1)
+    info = self_information(logits)
+    assert info.shape == logits.shape
+    expected_bits = -(p * p.log()).sum(1) / math.log(2)
+    assert torch.allclose(info.sum(1), expected_bits / math.log2(5), atol=1e-5)
+    # MinEnt's term: the mean pixel entropy in nats
+    assert entropy_loss(logits).item() == pytest.approx((expected_bits * math.log(2)).mean().item(), rel=1e-4)
+
+
+def test_map_discriminator_shape_and_loss_by_hand():
+    d = map_discriminator(11, 8)
+    assert d(torch.zeros(3, 11, 64, 64)).shape == (3, 1, 2, 2)
+    d_out = torch.tensor([[[[2.0, -1.0]]]])
+    loss, acc = map_discriminator_loss(d_out, is_source=True)
+    expected = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0))) / 2
+    assert loss.item() == pytest.approx(expected) and acc.item() == 0.5
+    loss_t, acc_t = map_discriminator_loss(d_out, is_source=False)
+    assert loss_t.item() == pytest.approx((math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(-1.0))) / 2)
+    assert acc_t.item() == 0.5
+
+
+def _advent_and_batch(*overrides):
+    cfg = make_cfg(*TINY_SEG, "method=advent", *overrides)
+    torch.manual_seed(0)
+    method = build_method(cfg, (3, 64, 64), 11)
+    batch = Batch(x_s=torch.randn(2, 3, 64, 64), y_s=torch.randint(0, 11, (2, 64, 64)), x_t=torch.randn(2, 3, 64, 64))
+    return method, batch, StepContext(step=0, max_steps=10, progress=0.0, grl_lambda=0.0, lr=float(cfg.optim.lr))
+
+
+def test_advent_losses_match_a_hand_computation():
+    method, batch, ctx = _advent_and_batch("method.adversarial_weight=0.5")
+    with torch.no_grad():  # train mode and one pass over both domains, as in the step (BatchNorm's batch statistics)
+        logits_s, logits_t = method.classifier(method.features(torch.cat([batch.x_s, batch.x_t]))).split(2)
+        d_t = method.discriminator(self_information(logits_t))
+        d_s = method.discriminator(self_information(logits_s))
+    loss_seg = F.cross_entropy(logits_s, batch.y_s)
+    loss_adv = F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t))  # target maps to pass as source
+    loss_disc = (F.binary_cross_entropy_with_logits(d_s, torch.ones_like(d_s))
+                 + F.binary_cross_entropy_with_logits(d_t, torch.zeros_like(d_t))) / 2
+    terms = method.step(batch, ctx)
+    assert terms["loss_cls"].item() == pytest.approx(loss_seg.item(), rel=1e-4)
+    assert terms["loss_adv"].item() == pytest.approx(loss_adv.item(), rel=1e-4)
+    assert terms["loss"].item() == pytest.approx(loss_seg.item() + 0.5 * loss_adv.item(), rel=1e-4)
+    # the discriminator's loss is computed after the network's update, on the maps of the same forward pass
+    assert terms["loss_disc"].item() == pytest.approx(loss_disc.item(), rel=1e-4)
+
+
+def test_advent_network_step_leaves_the_discriminator_to_its_own_loss():
+    """The adversarial loss must not train D towards calling target maps source: with D's lr 0, D stays put."""
+    method, batch, ctx = _advent_and_batch("method.discriminator_lr=0")
+    before = [p.clone() for p in method.discriminator.parameters()]
+    method.step(batch, ctx)
+    assert all(torch.equal(a, b) for a, b in zip(before, method.discriminator.parameters()))
+
+
+def test_colorize_gives_one_colour_per_class():
+    images = colorize(torch.tensor([[[0, 1], [2, IGNORE_INDEX]]]))
+    assert images.shape == (1, 3, 2, 2)
+    assert images[0, :, 1, 1].tolist() == [0.0, 0.0, 0.0]
+    assert len({tuple(images[0, :, i // 2, i % 2].tolist()) for i in range(4)}) == 4
+
+
+@pytest.mark.parametrize("method", ["source_only", "minent", "advent"])
+def test_each_segmentation_method_trains_changes_its_parameters_and_logs_miou(tmp_path, method):
+    overrides = [*TINY_SEG, f"method={method}", "method.entropy_weight=0.01"] if method != "source_only" else \
+        [*TINY_SEG, "method=source_only"]
+    cfg = make_cfg(*overrides)
+    torch.manual_seed(0)
+    initial = build_method(cfg, (3, 64, 64), 11).state_dict()
+    metrics = train(cfg, tmp_path)
+    assert metrics["setting"] == "closed" and 0.0 <= metrics["target_miou"] <= 1.0
+    assert set(metrics["target_metrics"]) >= {"target_acc", "target_miou", "target_iou_background", "target_iou_9"}
+    assert "target_miou" in metrics["oracle"]
+    final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["method"]["modules"]
+    changed = [k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, final[k])]
+    assert any(k.startswith("classifier") for k in changed) and any(k.startswith("features") for k in changed)
+    if method == "advent":
+        assert any(k.startswith("discriminator") for k in changed)
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+    assert "eval/target_miou" in events.Tags()["scalars"]
+    assert "eval/target_iou_background" in events.Tags()["scalars"]
+    image = events.Images("eval/target_segmentation")
+    assert [e.step for e in image] == [2, 4]
+
+
+@pytest.mark.parametrize("method", ["advent"])
+def test_segmentation_run_resumes_exactly(monkeypatch, tmp_path, method):
+    args = [*TINY_SEG, f"method={method}", "method.entropy_weight=0.01"]
+    full = train(make_cfg(*args), tmp_path / "full")
+    crash_and_resume(monkeypatch, method, 3, args, tmp_path / "resumed")
+    resumed = read_metrics(tmp_path / "resumed")
+    for key in ("target_acc", "target_miou", "source_acc"):
+        assert resumed[key] == full[key]
+
+
+def test_segmentation_pairs_refuse_augmentation_and_classification_methods(tmp_path):
+    with pytest.raises(UserError, match="data.augment=weak is not supported on segmentation pairs"):
+        train(make_cfg(*TINY_SEG, "method=source_only", "data.augment=weak"), tmp_path / "a")
+    with pytest.raises(UserError, match="method=dann does not train segmentation networks"):
+        train(make_cfg(*TINY_SEG, "method=dann"), tmp_path / "b")
+
+
+def test_advent_refuses_a_classification_pair(tmp_path):
+    from conftest import TINY_DIGITS
+
+    with pytest.raises(UserError, match="method=advent trains segmentation networks only"):
+        train(make_cfg(*TINY_DIGITS, "method=advent", "trainer.max_steps=2"), tmp_path)
