@@ -46,17 +46,12 @@ def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
     return options, data_overrides
 
 
-def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
 def domain_report(method, domain, task, batch_size: int, target: bool = False) -> dict:
     """Accuracy, per-class accuracy and the confusion matrix of one split. On the target, predictions
     follow the pair's task (an open-set pair's `unknown` is one more row and column) and the report
     adds the setting's target metrics."""
     from da_runner.evaluation import outputs
-    from da_runner.tasks import accuracy
+    from da_runner.tasks import accuracy, confusion_matrix
 
     out = outputs(method, domain, batch_size)
     # The source holds only the source's classes: its predictions are the argmax over them.

@@ -57,7 +57,14 @@ class ValidationData:
 
 def evaluate(method, data: ValidationData, task, validators=("source_acc",), batch_size: int = 1024) -> dict[str, float]:
     """One evaluation record: `source_acc`, the target metrics of `task` (`target_acc`, ...),
-    `<domain>_acc_<head>` for further heads, and the value of each validator in `validators`."""
+    `<domain>_acc_<head>` for further heads, and the value of each validator in `validators`. The
+    task computes it (da_runner/tasks.py): a classification task with `classification_record`, a
+    segmentation task batch by batch."""
+    return task.evaluate(method, data, validators, batch_size)
+
+
+def classification_record(method, data: ValidationData, task, validators, batch_size: int) -> dict[str, float]:
+    """`evaluate` for classification tasks, from the outputs of every split held at once."""
     source_val = outputs(method, data.pair.source_val, batch_size)
     target_test = outputs(method, data.pair.target_test, batch_size)
     # The source validation split holds the source's classes only: the accuracy of the argmax over them.

@@ -68,6 +68,14 @@ def test_ganin_lr_annealing():
     assert lr_factor(7, 10, OmegaConf.create({"schedule": "constant"})) == 1.0
 
 
+def test_poly_lr_decays_to_zero_at_the_last_step():
+    cfg = OmegaConf.create({"schedule": "poly", "power": 0.9})
+    assert lr_factor(0, 100, cfg) == 1.0
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.5**0.9)
+    assert lr_factor(100, 100, cfg) == 0.0
+    assert lr_factor(50, 100, make_cfg("optim.schedule=poly").optim) == pytest.approx(0.5**0.9)  # the shipped power
+
+
 def test_unknown_schedules_are_refused():
     with pytest.raises(ValueError, match="warm_start"):
         grl_lambda(0, 10, grl("nope", hi=1.0))

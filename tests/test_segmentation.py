@@ -56,8 +56,10 @@ def test_a_class_neither_labelled_nor_predicted_is_left_out_of_the_mean():
 
 
 def test_confusion_matrix_counts_labels_by_row_and_predictions_by_column():
-    counts = confusion_matrix(torch.tensor([[1, 1, 0]]), torch.tensor([[0, 1, IGNORE_INDEX]]), 2)
+    counts = confusion_matrix(torch.tensor([[1, 1, 0]]), torch.tensor([[0, 1, IGNORE_INDEX]]), 2, IGNORE_INDEX)
     assert counts.tolist() == [[0, 1], [0, 1]]
+    # classification (DomainNet has 345 classes): without ignore_index, label 255 is a class like any other
+    assert confusion_matrix(torch.tensor([255, 3]), torch.tensor([255, 255]), 300)[255, 255] == 1
 
 
 def test_segmentation_validators_and_method_checks():
@@ -196,3 +198,80 @@ def test_advent_refuses_a_classification_pair(tmp_path):
 
     with pytest.raises(UserError, match="method=advent trains segmentation networks only"):
         train(make_cfg(*TINY_DIGITS, "method=advent", "trainer.max_steps=2"), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=advent", "method.discriminator_lr=-1"], "method.discriminator_lr must be a number >= 0, got -1"),
+    (["method=advent", "method.discriminator_ndf=0"], "method.discriminator_ndf must be a positive integer, got 0"),
+    (["method=advent", "method.adversarial_weight=-0.1"], "method.adversarial_weight must be a number >= 0"),
+    (["data.task=detection"], "data.task must be classification or segmentation, got 'detection'"),
+    (["optim.schedule=poly", "optim.power=-1"], "optim.power must be a number >= 0, got -1"),
+])
+def test_segmentation_config_errors_name_key_rule_and_value(overrides, message):
+    from da_runner.config import validate
+
+    with pytest.raises(UserError) as err:
+        validate(make_cfg(*TINY_SEG, *overrides))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("arch, stride, width", [("resnet50", 8, 2048), ("mobilenet_v3_large", 16, 960)])
+def test_deeplabv3_loads_a_saved_classification_checkpoint_and_gives_full_size_logits(tmp_path, arch, stride, width):
+    """The encoder starts from the classification network's weights (here saved by hand: no download)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    classifier = torchvision.models.get_model(arch, weights=None)
+    torch.save({"state_dict": classifier.state_dict()}, tmp_path / "net.pt")
+    cfg = make_cfg("backbone=deeplabv3", f"backbone.arch={arch}", "backbone.pretrained=false",
+                   f"backbone.weights={tmp_path / 'net.pt'}", "method=source_only")
+    method = build_method(cfg, (3, 64, 64), 19)
+    assert method.features.output_stride == stride and method.features.out_features == width
+    first_conv = "conv1.weight" if arch == "resnet50" else "0.0.weight"
+    expected = classifier.state_dict()["conv1.weight" if arch == "resnet50" else "features.0.0.weight"]
+    assert torch.equal(method.features.backbone.body.state_dict()[first_conv], expected)
+    method.eval()
+    assert method.predict(torch.zeros(1, 3, 64, 64)).shape == (1, 19, 64, 64)
+
+
+def test_deeplabv3_refuses_a_checkpoint_of_another_network(tmp_path):
+    import torchvision
+
+    torch.save(torchvision.models.get_model("resnet18", weights=None).state_dict(), tmp_path / "r18.pt")
+    cfg = make_cfg("backbone=deeplabv3", "backbone.pretrained=false", f"backbone.weights={tmp_path / 'r18.pt'}")
+    with pytest.raises(UserError, match="does not fit the backbone"):
+        build_features(cfg.backbone, (3, 64, 64))
+
+
+def test_segmentation_loss_leaves_void_pixels_out_and_classification_keeps_label_255():
+    cfg = make_cfg(*TINY_SEG, "method=source_only")
+    method = build_method(cfg, (3, 64, 64), 11)
+    logits = torch.randn(1, 11, 2, 2)
+    labels = torch.tensor([[[1, 2], [IGNORE_INDEX, IGNORE_INDEX]]])
+    expected = F.cross_entropy(logits[:, :, 0, :].permute(0, 2, 1).reshape(2, 11), torch.tensor([1, 2]))
+    assert method.classification_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    vector_logits = torch.randn(2, 300)  # 300 classes: 255 is a class
+    assert method.classification_loss(vector_logits, torch.tensor([255, 0])).item() == pytest.approx(
+        F.cross_entropy(vector_logits, torch.tensor([255, 0])).item(), rel=1e-5)
+
+
+def test_batchwise_evaluation_equals_the_metrics_of_all_outputs_at_once():
+    from da_runner.data import build_pair
+    from da_runner.evaluation import ValidationData, evaluate, outputs
+    from da_runner.tasks import build_task
+
+    cfg = make_cfg(*TINY_SEG, "method=source_only")
+    pair = build_pair(cfg.data)
+    seg = build_task(pair, cfg.data)
+    method = build_method(cfg, pair.input_shape, pair.num_classes)
+    data = ValidationData.of(pair, 20)
+    record = evaluate(method, data, seg, ["source_acc", "entropy"], batch_size=5)
+    target = outputs(method, pair.target_test, 64)
+    expected = seg.target_metrics(target.logits, target.labels)
+    for key, value in expected.items():
+        assert record[key] == pytest.approx(value, nan_ok=True), key
+    sample = outputs(method, data.target_sample, 64)
+    p = F.softmax(sample.logits, dim=1)
+    assert record["entropy"] == pytest.approx(-(p * (p + 1e-8).log()).sum(1).mean().item(), rel=1e-5)
+    source = outputs(method, pair.source_val, 64)
+    assert record["source_acc"] == pytest.approx((source.logits.argmax(1) == source.labels).float().mean().item())

@@ -22,7 +22,7 @@ from torch import nn
 from da_runner.errors import UserError
 from da_runner.nn.backbones import FeatureExtractor, build_features
 from da_runner.nn.heads import label_head
-from da_runner.nn.losses import bnm_loss, class_balance_loss, entropy_loss, fixmatch_loss
+from da_runner.nn.losses import IGNORE_INDEX, bnm_loss, class_balance_loss, entropy_loss, fixmatch_loss
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,9 @@ class Method(nn.Module):
         return n_s, f, logits, self.classification_loss(logits[:n_s], batch.y_s)
 
     def classification_loss(self, logits_s: torch.Tensor, y_s: torch.Tensor) -> torch.Tensor:
-        """The source classification loss: cross-entropy (PADA weights it by class)."""
-        return F.cross_entropy(logits_s, y_s)
+        """The source classification loss: cross-entropy (PADA weights it by class); per pixel for
+        segmentation logits (N, C, H, W), where pixels labelled 255 (void) count nowhere."""
+        return F.cross_entropy(logits_s, y_s, ignore_index=IGNORE_INDEX if logits_s.dim() == 4 else -100)
 
     @property
     def separate_forward(self) -> bool:

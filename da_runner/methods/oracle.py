@@ -6,8 +6,6 @@ the run and records `"uses_target_labels": true` in metrics.json, and summaries 
 The source data is not used.
 """
 
-import torch.nn.functional as F
-
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 
@@ -22,6 +20,6 @@ class Oracle(Method):
         self.setup_optimizers()
 
     def step(self, batch: Batch, ctx: StepContext):
-        loss_cls_t = F.cross_entropy(self.classifier(self.features(batch.x_t)), batch.y_t)
+        loss_cls_t = self.classification_loss(self.classifier(self.features(batch.x_t)), batch.y_t)
         self.optimizer_step(self.optimizers["main"], loss_cls_t)
         return {"loss": loss_cls_t.detach(), "loss_cls_target": loss_cls_t.detach()}

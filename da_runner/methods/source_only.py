@@ -1,7 +1,5 @@
 """Source only: train on labelled source data, ignore the target (the lower-bound baseline)."""
 
-import torch.nn.functional as F
-
 from da_runner.methods.base import Batch, Method, StepContext
 from da_runner.methods.registry import register
 
@@ -16,6 +14,6 @@ class SourceOnly(Method):
 
     def step(self, batch: Batch, ctx: StepContext):
         logits_s = self.classifier(self.features(batch.x_s))
-        loss_cls = F.cross_entropy(logits_s, batch.y_s)
+        loss_cls = self.classification_loss(logits_s, batch.y_s)
         self.optimizer_step(self.optimizers["main"], loss_cls)
         return {"loss": loss_cls.detach(), "loss_cls": loss_cls.detach()}

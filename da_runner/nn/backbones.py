@@ -295,6 +295,60 @@ class TorchvisionResNet(nn.Module):
         return self.net(x)
 
 
+DEEPLAB_ARCHS = {"resnet50": 8, "resnet101": 8, "mobilenet_v3_large": 16}  # arch -> output stride
+
+
+class TorchvisionDeepLab(nn.Module):
+    """The dilated encoder of torchvision's DeepLabV3 (Chen et al., 2017): ResNet-50 / -101 with its last
+    two stages dilated (feature maps of 2,048 at 1/8 of the input) or MobileNetV3-Large with its last
+    stage dilated (960 at 1/16), `backbone.arch`. The method's label head is DeepLabV3's ASPP head
+    (`backbone.label_head_aspp: true`), upsampled to the input's size (nn/heads.label_head).
+
+    As ADVENT and the reference segmentation code bases do, the encoder starts from the ImageNet weights
+    of the classification network (`backbone.pretrained`, torchvision's `backbone.pretrained_tag`, fetched
+    through its weights API into torch.hub's cache) or from a local checkpoint of that network
+    (`backbone.weights`); its classifier's keys are dropped. Dilation changes no parameter's shape.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], cfg):
+        super().__init__()
+        arch = str(cfg.get("arch", "resnet50"))
+        if arch not in DEEPLAB_ARCHS:
+            raise UserError(f"backbone.arch must be one of {', '.join(DEEPLAB_ARCHS)} for backbone=deeplabv3, got {arch!r}")
+        _require_image("deeplabv3", input_shape, 32)
+        if input_shape[0] != 3:
+            raise UserError(f"backbone=deeplabv3 takes RGB images (3 channels), but the data gives {input_shape[0]}")
+        self.output_stride = DEEPLAB_ARCHS[arch]
+        if input_shape[1] % self.output_stride or input_shape[2] % self.output_stride:
+            raise UserError(f"backbone=deeplabv3 with arch={arch} needs image sides divisible by {self.output_stride}, "
+                            f"got {tuple(input_shape[1:])}")
+        builder = getattr(torchvision.models.segmentation, f"deeplabv3_{arch}")
+        self.body = builder(weights=None, weights_backbone=None, num_classes=1, aux_loss=False).backbone
+        self.out_features = 960 if arch.startswith("mobilenet") else 2048
+        # The classification network's state dict names the encoder's layers differently: MobileNetV3's
+        # live under "features." there, and its classifier (fc / classifier) has no place here.
+        prefix, classifier = ("features.", "classifier") if arch.startswith("mobilenet") else ("", "fc")
+        if cfg.get("weights"):
+            state, source = read_state_dict(cfg.weights), f"backbone.weights={cfg.weights}"
+        elif cfg.get("pretrained", False):
+            weights = torchvision_weights(arch, str(cfg.get("pretrained_tag", "DEFAULT")))
+            path = torch_hub_cache_file(weights.url)
+            try:
+                state, source = weights.get_state_dict(progress=True, check_hash=True), str(path)
+            except OSError as err:
+                raise _download_failed(
+                    f"backbone=deeplabv3 backbone.pretrained=true: torchvision's {weights} ({path.name})", weights.url,
+                    err, f"Place that file at {path} (torch.hub's cache; TORCH_HOME moves it)") from err
+        else:
+            return
+        state = {key.removeprefix(prefix): value for key, value in state.items() if not key.startswith(f"{classifier}.")}
+        load_backbone_state(self.body, state, (), source)
+        log.info("backbone=deeplabv3 (%s) starts from %s", arch, source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)["out"]
+
+
 def import_timm():
     """timm, or one message saying how to install it."""
     try:
@@ -472,7 +526,7 @@ class VadaSmall(nn.Module):
 
 
 BACKBONES = {"dann_mnist": DannMnist, "dann_svhn": DannSvhn, "dtn": DTN, "lenet": LeNet, "mlp": MLP,
-             "vada_small": VadaSmall, "fcn_digits": FcnDigits,
+             "vada_small": VadaSmall, "fcn_digits": FcnDigits, "deeplabv3": TorchvisionDeepLab,
              **{name: TorchvisionResNet for name in TORCHVISION_RESNETS}, "timm": TimmBackbone}
 
 

@@ -50,10 +50,17 @@ def conv_head(in_channels: int, hidden: Sequence[int], num_classes: int, upsampl
 def label_head(cfg, in_features: int, num_classes: int, output_stride: int | None = None) -> nn.Sequential:
     """The label classifier of the `backbone` config node: `label_head` hidden sizes with
     `label_head_batch_norm` and `label_head_dropout`. On a dense backbone (one with an `output_stride`:
-    feature maps, not vectors) it is `conv_head`: per-pixel logits at the input's resolution. `label_head_weight_norm: true` reparametrises
-    the output layer's weight as w_k = g_k v_k / ||v_k|| (weight normalisation, Salimans & Kingma
-    2016; one norm g_k per class), the classifier of SHOT's reference code (digit/network.py,
+    feature maps, not vectors) it is `conv_head`, or with `label_head_aspp: true` DeepLabV3's ASPP head
+    (torchvision's DeepLabHead): per-pixel logits at the input's resolution.
+    `label_head_weight_norm: true` reparametrises the output layer's weight as w_k = g_k v_k / ||v_k||
+    (weight normalisation, Salimans & Kingma 2016; one norm g_k per class), the classifier of SHOT's reference code (digit/network.py,
     feat_classifier with type "wn")."""
+    if output_stride is not None and cfg.get("label_head_aspp", False):
+        from torchvision.models.segmentation.deeplabv3 import DeepLabHead
+
+        # DeepLabV3's head: atrous spatial pyramid pooling (rates 12, 24, 36), 3x3 conv, 1x1 to the classes.
+        return nn.Sequential(DeepLabHead(in_features, num_classes),
+                             nn.Upsample(scale_factor=output_stride, mode="bilinear", align_corners=False))
     if output_stride is not None:
         return conv_head(in_features, cfg.label_head, num_classes, output_stride,
                          bool(cfg.get("label_head_batch_norm", False)))

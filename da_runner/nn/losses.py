@@ -307,6 +307,9 @@ def class_balance_bce(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(u * torch.log(a + eps) + (1 - u) * torch.log(1 - a + eps)).sum()
 
 
+IGNORE_INDEX = 255  # a segmentation label that counts nowhere, in the loss and the metrics (Cityscapes' void)
+
+
 @in_float32
 def self_information(logits: torch.Tensor) -> torch.Tensor:
     """ADVENT's weighted self-information maps (Vu et al., CVPR 2019): I = -p log2 p / log2 C per class
