@@ -98,9 +98,16 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"method.discriminator_ndf must be a positive integer, got {ndf!r}")
     if cfg.data.get("task", "classification") not in ("classification", "segmentation"):
         raise UserError(f"data.task must be classification or segmentation, got {cfg.data.task!r}")
-    if cfg.data.get("task") == "segmentation" and (augment or "none") != "none":
-        raise UserError(f"data.augment={augment} is not supported on segmentation pairs (the augmentations move "
-                        f"pixels, and the label maps would not follow them); use data.augment=none")
+    if cfg.data.get("task") == "segmentation":
+        # In-memory augmentation moves pixels the label maps would not follow; file-backed pairs transform
+        # image and map together (data.joint_augment), with crops and flips only.
+        allowed = ("none", "weak") if cfg.data.get("joint_augment", False) else ("none",)
+        if (augment or "none") not in allowed:
+            raise UserError(f"data.augment={augment} is not supported on data={cfg.data.get('name')} (a segmentation "
+                            f"pair); use data.augment={' or '.join(allowed)}")
+        if cfg.data.get("source_classes") is not None or cfg.data.get("target_classes") is not None:
+            raise UserError("data.source_classes / data.target_classes select classes of classification pairs; a "
+                            "segmentation pair labels every pixel and keeps all its classes")
     radius = cfg.method.get("vat_radius")
     if radius is not None and (not _is_number(radius) or radius <= 0):
         raise UserError(f"method.vat_radius must be a number > 0, got {radius!r}")

@@ -122,8 +122,9 @@ def _advent_and_batch(*overrides):
 
 def test_advent_losses_match_a_hand_computation():
     method, batch, ctx = _advent_and_batch("method.adversarial_weight=0.5")
-    with torch.no_grad():  # train mode and one pass over both domains, as in the step (BatchNorm's batch statistics)
-        logits_s, logits_t = method.classifier(method.features(torch.cat([batch.x_s, batch.x_t]))).split(2)
+    with torch.no_grad():  # train mode and one pass per domain, as in the step (BatchNorm's batch statistics)
+        logits_s = method.classifier(method.features(batch.x_s))
+        logits_t = method.classifier(method.features(batch.x_t))
         d_t = method.discriminator(self_information(logits_t))
         d_s = method.discriminator(self_information(logits_s))
     loss_seg = F.cross_entropy(logits_s, batch.y_s)
@@ -187,7 +188,7 @@ def test_segmentation_run_resumes_exactly(monkeypatch, tmp_path, method):
 
 
 def test_segmentation_pairs_refuse_augmentation_and_classification_methods(tmp_path):
-    with pytest.raises(UserError, match="data.augment=weak is not supported on segmentation pairs"):
+    with pytest.raises(UserError, match="data.augment=weak is not supported on data=embedded_digits_seg"):
         train(make_cfg(*TINY_SEG, "method=source_only", "data.augment=weak"), tmp_path / "a")
     with pytest.raises(UserError, match="method=dann does not train segmentation networks"):
         train(make_cfg(*TINY_SEG, "method=dann"), tmp_path / "b")
@@ -275,3 +276,34 @@ def test_batchwise_evaluation_equals_the_metrics_of_all_outputs_at_once():
     assert record["entropy"] == pytest.approx(-(p * (p + 1e-8).log()).sum(1).mean().item(), rel=1e-5)
     source = outputs(method, pair.source_val, 64)
     assert record["source_acc"] == pytest.approx((source.logits.argmax(1) == source.labels).float().mean().item())
+
+
+def test_joint_forward_refuses_source_and_target_of_different_sizes():
+    cfg = make_cfg(*TINY_SEG, "method=minent")
+    method = build_method(cfg, (3, 64, 64), 11)
+    batch = Batch(x_s=torch.randn(2, 3, 64, 64), y_s=torch.zeros(2, 64, 64, dtype=torch.long),
+                  x_t=torch.randn(2, 3, 32, 64))
+    with pytest.raises(UserError, match="their inputs differ in size"):
+        method.forward_both(batch)
+
+
+def test_advent_trains_on_source_and_target_of_different_sizes():
+    method, batch, ctx = _advent_and_batch()
+    batch = Batch(x_s=batch.x_s, y_s=batch.y_s, x_t=torch.randn(2, 3, 32, 64))
+    assert math.isfinite(method.step(batch, ctx)["loss"].item())
+
+
+def test_segmentation_pairs_refuse_class_subsets():
+    from da_runner.config import validate
+
+    with pytest.raises(UserError, match="a segmentation pair labels every pixel"):
+        validate(make_cfg(*TINY_SEG, "+data.source_classes=[0,1]"))
+
+
+def test_gta5_cityscapes_recipe_composes():
+    from da_runner.config import validate
+
+    cfg = make_cfg("experiment=advent_gta5_cityscapes")
+    validate(cfg)
+    assert cfg.backbone.name == "deeplabv3" and cfg.backbone.arch == "resnet101"
+    assert cfg.data.task == "segmentation" and cfg.optim.schedule == "poly" and cfg.trainer.batch_size == 1

@@ -51,15 +51,19 @@ class AdvEnt(Method):
 
     def step(self, batch: Batch, ctx: StepContext):
         options = self.cfg.method
-        n_s, _, logits, loss_seg = self.forward_both(batch)
-        info_s, info_t = self_information(logits[:n_s]), self_information(logits[n_s:])
+        # One pass per domain, as the reference code: the domains' images may differ in size (GTA5 at
+        # 1280x720, Cityscapes at 1024x512), and each BatchNorm layer sees one domain at a time.
+        logits_s = self.classifier(self.features(batch.x_s))
+        logits_t = self.classifier(self.features(batch.x_t))
+        loss_seg = self.classification_loss(logits_s, batch.y_s)
+        info_s, info_t = self_information(logits_s), self_information(logits_t)
 
         # The network: make the target's maps pass for source ones, D held fixed.
         self.discriminator.requires_grad_(False)
         loss_adv, _ = map_discriminator_loss(self.discriminator(info_t), is_source=True)
         self.discriminator.requires_grad_(True)
         loss = loss_seg + float(options.adversarial_weight) * self.ramp(ctx) * loss_adv
-        loss_target_predictions, target_terms = self.target_prediction_terms(logits[n_s:], ctx, batch, logits[:n_s])
+        loss_target_predictions, target_terms = self.target_prediction_terms(logits_t, ctx, batch, logits_s)
         loss = loss + loss_target_predictions
         self.optimizer_step(self.optimizers["main"], loss)
 

@@ -193,6 +193,10 @@ class Method(nn.Module):
         (N_s + N_t, C) and the source classification loss (`classification_loss`).
         """
         n_s = len(batch.x_s)
+        if batch.x_s.shape[1:] != batch.x_t.shape[1:]:
+            raise UserError(f"method={self.cfg.method.name} puts source and target through the network together, but "
+                            f"their inputs differ in size ({tuple(batch.x_s.shape[1:])} and {tuple(batch.x_t.shape[1:])}); "
+                            f"give both domains one size (segmentation pairs: data.crop)")
         f = self.apply_per_domain(self.features, torch.cat([batch.x_s, batch.x_t]), n_s)
         logits = self.apply_per_domain(self.classifier, f, n_s)
         return n_s, f, logits, self.classification_loss(logits[:n_s], batch.y_s)
