@@ -39,7 +39,7 @@ given by its place in the stream, so a stream restored from its `state_dict()` d
 and flips as one that never stopped.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from da_runner.data.augment import check_level
 from da_runner.data.classes import LabelSpace
-from da_runner.data.domain import DomainPair, sample_index, validation_size
-from da_runner.data.files import IMAGENET_MEAN, IMAGENET_STD, FileBatchStream, ImageFiles, default_num_workers
-from da_runner.data.memory import normalize_images, unnormalize_images
+from da_runner.data.domain import DomainPair, validation_size
+from da_runner.data.files import FileBatchStream, FileDomain, ImageFiles, default_num_workers
 from da_runner.errors import MissingDataError, UserError, missing_data_message
 from da_runner.tasks import IGNORE_INDEX
 
@@ -153,7 +152,7 @@ class SegmentationFiles(Dataset):
 
 
 @dataclass
-class SegmentationFileDomain:
+class SegmentationFileDomain(FileDomain):
     """Images `files` with label-id maps `label_files` (paths, (N,) each), decoded by DataLoader
     workers on demand. Batches: images (B, 3, H, W) float, normalised, and labels (B, H, W) int64 train
     ids (IGNORE_INDEX: void), H x W = `size` reversed, or `crop` for augment=weak training batches."""
@@ -162,45 +161,20 @@ class SegmentationFileDomain:
     label_files: np.ndarray  # (N,) label-id map paths, in the same order
     size: Size = (1024, 512)  # (W, H) every image and label map is resized to
     crop: Size | None = None  # (W, H) of augment=weak's random crop (None: no crop)
-    num_workers: int = 0
-    pin_memory: bool = True  # page-locked batches, used only when the device is a GPU
-    device: torch.device = torch.device("cpu")
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    _mean: torch.Tensor = field(init=False, repr=False)
-    _std: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.files = np.asarray(self.files, dtype=str)
+        super().__post_init__()
         self.label_files = np.asarray(self.label_files, dtype=str)
         if len(self.files) != len(self.label_files):
             raise ValueError(f"{len(self.files)} images but {len(self.label_files)} label maps")
         self.size = tuple(self.size)
         self.crop = None if self.crop is None else tuple(self.crop)
-        self.device = torch.device(self.device)
-        self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def is_image(self) -> bool:
-        return True
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """(3, H, W) of the resized images: evaluation batches and augment=none training batches
         (augment=weak with data.crop gives crops of (3, crop H, crop W))."""
         return (3, self.size[1], self.size[0])
-
-    def to(self, device) -> "SegmentationFileDomain":
-        return replace(self, device=torch.device(device))
-
-    def sample(self, size: int, seed: int = 0) -> "SegmentationFileDomain":
-        if size >= len(self):
-            return self
-        return self.subset(sample_index(len(self), size, seed))
 
     def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "SegmentationFileDomain":
         if labels is not None:
@@ -209,18 +183,10 @@ class SegmentationFileDomain:
         index = index.cpu().numpy()
         return replace(self, files=self.files[index], label_files=self.label_files[index])
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch from the loader -> normalised float on the device (the copy overlaps compute
-        when the batch is in page-locked memory)."""
-        return normalize_images(x.to(self.device, non_blocking=True), self._mean, self._std)
-
     def prepare_labels(self, y: torch.Tensor) -> torch.Tensor:
         """uint8 train-id maps (B, H, W) from the loader -> int64 on the device (converted there:
         an eighth of the bytes to copy)."""
         return y.to(self.device, non_blocking=True).long()
-
-    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return unnormalize_images(x, self._mean, self._std)
 
     def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, **kwargs) -> DataLoader:
         """A DataLoader over the file pairs with the transform of `augment` (none: the evaluation's);

@@ -116,14 +116,12 @@ class ImageFiles(Dataset):
             return transform(image)
 
 
-@dataclass
-class ImageFileDomain:
-    """Images read from `files` (paths) with labels `y`, decoded by DataLoader workers on demand."""
+@dataclass(kw_only=True)
+class FileDomain:
+    """What every file-backed domain shares: DataLoader workers, page-locked memory on a GPU, and the
+    per-channel normalisation done on the device (subclasses: ImageFileDomain, and the segmentation
+    pairs' cityscapes.SegmentationFileDomain)."""
 
-    files: np.ndarray  # (N,) paths
-    y: torch.Tensor  # (N,) int64
-    image_size: int = 224
-    resize: int = 256
     num_workers: int = 0
     pin_memory: bool = True  # page-locked batches, used only when the device is a GPU
     device: torch.device = torch.device("cpu")
@@ -134,34 +132,24 @@ class ImageFileDomain:
 
     def __post_init__(self):
         self.files = np.asarray(self.files, dtype=str)
-        if len(self.files) != len(self.y):
-            raise ValueError(f"{len(self.files)} files but {len(self.y)} labels")
         self.device = torch.device(self.device)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.files)
 
     @property
     def is_image(self) -> bool:
         return True
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return (3, self.image_size, self.image_size)
-
-    def to(self, device) -> "ImageFileDomain":
+    def to(self, device):
         return replace(self, device=torch.device(device))
 
-    def sample(self, size: int, seed: int = 0) -> "ImageFileDomain":
+    def sample(self, size: int, seed: int = 0):
         if size >= len(self):
             return self
         return self.subset(sample_index(len(self), size, seed))
-
-    def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "ImageFileDomain":
-        index = index.cpu()
-        return replace(self, files=self.files[index.numpy()], y=self.y[index] if labels is None else labels.cpu())
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 batch from the loader -> normalised float on the device (the copy overlaps
@@ -170,6 +158,29 @@ class ImageFileDomain:
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         return unnormalize_images(x, self._mean, self._std)
+
+
+@dataclass
+class ImageFileDomain(FileDomain):
+    """Images read from `files` (paths) with labels `y`, decoded by DataLoader workers on demand."""
+
+    files: np.ndarray  # (N,) paths
+    y: torch.Tensor  # (N,) int64
+    image_size: int = 224
+    resize: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.files) != len(self.y):
+            raise ValueError(f"{len(self.files)} files but {len(self.y)} labels")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (3, self.image_size, self.image_size)
+
+    def subset(self, index: torch.Tensor, labels: torch.Tensor | None = None) -> "ImageFileDomain":
+        index = index.cpu()
+        return replace(self, files=self.files[index.numpy()], y=self.y[index] if labels is None else labels.cpu())
 
     def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, **kwargs) -> DataLoader:
         """A DataLoader over the files with the transform of `augment` (none: the evaluation's), or

@@ -63,6 +63,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def resume_or_restart(work: Path, settings: dict) -> None:
+    """Make `work` the folder of a build with `settings`: a partial build there with the same settings
+    (its settings.json) is kept to resume; one with other settings, or one stopped before it wrote
+    them, is deleted. Files an interruption caught half-written (*.tmp) are removed."""
+    started = work / "settings.json"
+    if work.is_dir():
+        try:
+            resumable = json.loads(started.read_text()) == settings
+        except (OSError, ValueError):
+            resumable = False
+        if not resumable:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _write_atomic(started, json.dumps(settings).encode())
+    for stale in work.glob("*.tmp"):
+        stale.unlink()
+
+
 def _write_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -79,16 +97,7 @@ def build_mnistm(mnist_root: Path, bsds: Path, out: Path, seed: int = 0, sizes=R
     if final.exists() and any(final.iterdir()):
         raise UserError(f"{final} exists already; delete it to build MNIST-M again")
     settings = {"seed": int(seed), "sizes": {k: int(v) for k, v in sizes.items()}, "image_size": int(image_size)}
-    started = work / "settings.json"
-    if work.is_dir():
-        try:
-            resumable = json.loads(started.read_text()) == settings
-        except (OSError, ValueError):
-            resumable = False
-        if not resumable:  # a build with other settings: start over
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_atomic(started, json.dumps(settings).encode())
+    resume_or_restart(work, settings)
 
     photos = load_bsds_train(bsds)
     rng = np.random.default_rng(seed)

