@@ -36,6 +36,20 @@ def test_python_dash_m_runs_the_same_cli(tmp_path):
     assert "name: dann" in result.stdout
 
 
+def test_a_fresh_interpreter_registers_every_shipped_method_config():
+    """The CLI imports only `da_runner.methods`: a method file that the package does not import is
+    unknown to `da-run` even though tests that import the file directly still pass."""
+    import sys
+
+    import yaml
+
+    names = {yaml.safe_load(path.read_text())["method"]["name"] for path in (config_dir() / "method").glob("*.yaml")}
+    code = "import da_runner.methods as m; print(' '.join(sorted(m.METHODS)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert names <= set(result.stdout.split()), names - set(result.stdout.split())
+
+
 def test_pyproject_lists_every_subpackage_and_the_config_tree():
     """pyproject.toml lists the packages by hand (automatic discovery does not see the top-level
     configs/ folder mapped to da_runner.configs): a new subpackage must be added there too."""

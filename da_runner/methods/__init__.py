@@ -2,7 +2,7 @@
 
 from da_runner.errors import UserError
 from da_runner.methods import (  # noqa: F401  (importing registers them)
-    adda, afn, bnm, cdan, dan, dann, deepcoral, dirt_t, fixmatch, iwan, jan, mcc, mcd, mdd, mean_teacher, minent,
+    adda, advent, afn, bnm, cdan, dan, dann, deepcoral, dirt_t, fixmatch, iwan, jan, mcc, mcd, mdd, mean_teacher, minent,
     oracle, osbp, pada, shot, source_only, vada,
 )
 from da_runner.methods.base import Batch, Method, StepContext
