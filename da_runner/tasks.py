@@ -94,6 +94,8 @@ class ClassificationTask:
         # the keys each evaluation adds for the target test split; target_acc first
         self.metric_names: tuple[str, ...] = ("target_acc", "target_mean_class_acc")
         self.primary_metric = "target_acc"  # the oracle's: the best evaluation by target labels
+        # trainer.analysis: proxy A-distance, t-SNE and ARI over one feature vector and one label per sample
+        self.feature_analysis = True
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -225,6 +227,7 @@ class SegmentationTask:
     setting = "closed"  # every target class is a source class
     validator_names = ("source_acc", "entropy")
     image_count = 8  # target test samples pictured at every evaluation
+    feature_analysis = False  # trainer.analysis needs one feature vector and one label per sample; maps have many
 
     def __init__(self, label_space: LabelSpace):
         self.label_space = label_space

@@ -345,7 +345,9 @@ class Run:
         self.bar.close()
         cfg, tcfg, task, picks, select = self.cfg, self.cfg.trainer, self.task, self.picks, self.select
         analysis = {}
-        if tcfg.analysis:
+        if tcfg.analysis and not task.feature_analysis:
+            log.info("analysis: skipped, it applies to classification pairs (one label per sample)")
+        elif tcfg.analysis:
             log.info("analysis: proxy A-distance, t-SNE of %d samples per domain, projector", int(tcfg.analysis_samples))
             analysis = run_analysis(self.method, self.pair, self.run_dir, self.logger, self.max_steps,
                                     int(tcfg.analysis_samples), int(tcfg.eval_batch_size), seed=int(cfg.seed))

@@ -187,6 +187,14 @@ def test_segmentation_run_resumes_exactly(monkeypatch, tmp_path, method):
         assert resumed[key] == full[key]
 
 
+def test_the_default_end_of_run_analysis_passes_over_segmentation_runs(tmp_path):
+    """trainer.analysis (on by default) clusters one feature vector per labelled sample: a segmentation
+    run skips it instead of failing at the end."""
+    metrics = train(make_cfg(*TINY_SEG, "method=source_only", "trainer.analysis=true"), tmp_path)
+    assert metrics["step"] == 4 and "target_ari" not in metrics and "proxy_a_distance" not in metrics
+    assert (tmp_path / "metrics.json").is_file()
+
+
 def test_segmentation_pairs_refuse_augmentation_and_classification_methods(tmp_path):
     with pytest.raises(UserError, match="data.augment=weak is not supported on data=embedded_digits_seg"):
         train(make_cfg(*TINY_SEG, "method=source_only", "data.augment=weak"), tmp_path / "a")
