@@ -1,6 +1,9 @@
 """Command-line entry points. `da-run` (= `python -m da_runner`) composes the config with Hydra and
 calls `trainer.train`; tests and scripts call `train(cfg, run_dir)` directly.
 
+`torchrun --nproc_per_node=N -m da_runner ...` (or `srun` with N tasks) trains one run on N processes
+(da_runner/distributed.py): they agree on one run directory, and rank 0 alone writes to it.
+
 Inside a sweep (`da-run -m ...`) every job is independent: a job that fails records its error in its
 run directory (`status.json`) and the sweep goes on; re-running the sweep skips jobs that completed
 and resumes unfinished ones from their last checkpoint.
@@ -10,15 +13,17 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from da_runner.config_tree import config_dir
 from da_runner.errors import UserError
@@ -40,8 +45,21 @@ def _threads_per_parallel_job(hydra_cfg) -> int | None:
     return max(1, cpus // parallel)
 
 
+def _several_processes() -> bool:
+    """Whether torchrun or srun started this process as one of several (without importing torch)."""
+    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
 def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
     from da_runner.trainer import train  # imported here so `da-run --help` answers without loading torch
+
+    is_main = True
+    if _several_processes():
+        from da_runner import distributed
+
+        is_main = distributed.from_environment().is_main
+        if not is_main:  # one voice: the other ranks report warnings and errors only
+            log.setLevel(logging.WARNING)
 
     if in_sweep:
         if read_status(run_dir)["status"] == "completed":
@@ -57,18 +75,21 @@ def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
             torch.set_num_threads(threads)
             log.info("parallel jobs: %d CPU thread(s) for this one", threads)
 
-    write_status(run_dir, "running")
+    if is_main:
+        write_status(run_dir, "running")
     try:
         metrics = train(cfg, run_dir)
     except Exception as err:
         message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-        write_status(run_dir, "failed", error=message, traceback=traceback.format_exc())
+        if is_main:
+            write_status(run_dir, "failed", error=message, traceback=traceback.format_exc())
         if not in_sweep:
             raise
         # The sweep goes on: the error is in this job's log and status.json, and in the sweep's report.
         log.error("job failed: %s", message)
         return math.nan
-    write_status(run_dir, "completed")
+    if is_main:
+        write_status(run_dir, "completed")
     # The value a Hydra sweeper optimises: a label-free criterion, never target accuracy.
     return metrics["selected_source_acc"]
 
@@ -105,8 +126,42 @@ class SweepReport(Callback):
             sys.exit(1)
 
 
+def _join_processes() -> bool:
+    """Under torchrun (or srun with several tasks) for one run: join the process group before Hydra
+    starts, so that every rank writes to the run directory rank 0 chose (Hydra's default one is named by
+    the clock, which the ranks read at different moments) and only rank 0 writes Hydra's own files
+    there. Returns whether this process is one of several."""
+    if not _several_processes():
+        return False
+    from da_runner import distributed
+
+    args = sys.argv[1:]
+    if any(arg in ("-m", "--multirun") for arg in args):
+        print("da-run: error: a sweep (-m) cannot run under torchrun or srun: each of its jobs would be trained "
+              "by every process. Sweep with hydra/launcher=slurm_ddp instead, which starts one multi-process job "
+              "per run (docs/distributed.md)", file=sys.stderr)
+        sys.exit(1)
+    world = distributed.init()
+    if not any(arg.startswith("hydra.run.dir=") for arg in args):
+        started = distributed.from_main(datetime.now())
+        pattern = OmegaConf.to_container(OmegaConf.load(config_dir() / "config.yaml"))["hydra"]["run"]["dir"]
+        run_dir = re.sub(r"\$\{now:([^}]*)\}", lambda match: started.strftime(match.group(1)), pattern)
+        sys.argv.append(f"hydra.run.dir={run_dir}")
+    if not world.is_main:  # no .hydra/ files and no log file of their own in rank 0's run directory
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return True
+
+
 def main() -> None:
-    run()
+    several = _join_processes()
+    try:
+        run()
+    finally:
+        if several:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

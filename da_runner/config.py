@@ -60,6 +60,8 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"trainer.channels_last must be true or false, got {cfg.trainer.channels_last!r}")
     if not isinstance(cfg.trainer.get("compile", False), bool):
         raise UserError(f"trainer.compile must be true or false, got {cfg.trainer.compile!r}")
+    if not isinstance(cfg.trainer.get("sync_bn", False), bool):
+        raise UserError(f"trainer.sync_bn must be true or false, got {cfg.trainer.sync_bn!r}")
     augment = cfg.data.get("augment")
     if augment is not None and augment not in AUGMENT_LEVELS:
         raise UserError(f"data.augment must be one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}")

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from da_runner import checkpoint
+from da_runner import checkpoint, distributed
 from da_runner import validators as V
 from da_runner.analysis import log_decision_boundary, run_analysis
 from da_runner.config import differences, resolve_device, validate
@@ -41,7 +41,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path) -> DictConfig:
+def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path, write: bool = True) -> DictConfig:
     """A resumed run continues with the configuration it started with; runtime keys come from `cfg`."""
     saved = OmegaConf.create(state["config"])
     changed = differences(saved, cfg)
@@ -51,7 +51,7 @@ def _config_for_resume(cfg: DictConfig, state: dict, run_dir: Path) -> DictConfi
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key))
     saved.resume = True
     hydra_config = run_dir / ".hydra" / "config.yaml"
-    if hydra_config.exists():  # Hydra just overwrote it with the new command line's composition
+    if write and hydra_config.exists():  # Hydra just overwrote it with the new command line's composition
         OmegaConf.save(saved, hydra_config)
     return saved
 
@@ -128,6 +128,9 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.start_time = time.perf_counter()
         self.run_dir = run_dir
+        # torchrun / srun with several tasks: this process is one rank of the run (da_runner/distributed.py).
+        # Every rank trains; rank 0 alone evaluates and writes.
+        self.world = world = distributed.init()
         self.last_path, self.best_path = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
         resumed = None
         if cfg.resume:
@@ -135,13 +138,22 @@ class Run:
                 raise UserError(f"resume=true but there is no checkpoint at {self.last_path}; "
                                 f"point hydra.run.dir at the run directory to resume")
             resumed = checkpoint.load(self.last_path)
-            cfg = _config_for_resume(cfg, resumed, run_dir)
+            if resumed.get("world_size", 1) != world.size:
+                raise UserError(f"{self.last_path} was written by a run on {resumed.get('world_size', 1)} process(es); "
+                                f"resume it on as many (this one has {world.size})")
+            cfg = _config_for_resume(cfg, resumed, run_dir, write=world.is_main)
         self.cfg = cfg
         # A resumed run's weights come from its checkpoint: its backbone fetches no pretrained or local ones.
         build_cfg = without_initial_weights(cfg) if resumed is not None else cfg
         validate(build_cfg)
         self.device = device = resolve_device(cfg.device)
+        if world.size > 1 and device.type == "cuda":
+            self.device = device = torch.device("cuda", world.local_rank)  # one GPU per rank
+            torch.cuda.set_device(device)
         tcfg = cfg.trainer
+        if tcfg.batch_size % world.size:
+            raise UserError(f"trainer.batch_size={tcfg.batch_size} (per domain, over all processes) does not split "
+                            f"evenly over {world.size} processes")
         self.max_steps = int(tcfg.max_steps)
         # .get: runs saved before the key existed resume in fp32. Autocast covers the training step only.
         self.autocast_dtype = AUTOCAST_DTYPES[tcfg.get("precision", "fp32")]
@@ -157,6 +169,11 @@ class Run:
         self.task = build_task(pair, cfg.data)
         self.method = method = build_method(build_cfg, pair.input_shape, pair.num_classes).to(device)
         self.task.check_method(method)
+        if tcfg.get("sync_bn", False) and world.size > 1:
+            if device.type != "cuda":
+                raise UserError("trainer.sync_bn=true needs GPUs: torch's SyncBatchNorm runs on CUDA devices only "
+                                "(on CPUs, trainer.sync_bn=false keeps per-rank batch statistics)")
+            self.method = method = distributed.use_sync_batch_norm(method)
         if self.autocast_dtype == torch.float16:
             # float16's narrow range underflows small gradients: the loss is scaled up before backward and
             # the gradients scaled down before each step (Method.backward / step_optimizers).
@@ -187,6 +204,8 @@ class Run:
         self.target_views = tuple(method.extra_target_views)
         self.source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1, augment=self.augment)
         self.target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2, augment=self.augment)
+        for stream in (self.source, self.target):  # several processes: each takes its share of every batch
+            stream.order.shard(world.rank, world.size)
 
         # Label-free model selection: every validator in trainer.validators is computed at each evaluation
         # and remembers the evaluation it would choose; best.pt is the choice of trainer.select. Target
@@ -199,13 +218,13 @@ class Run:
         if resumed is not None:
             self.restore(resumed)
 
-        self.logger = RunLogger(run_dir, self.start_step)
+        self.logger = RunLogger(run_dir, self.start_step) if world.is_main else None
         self.draw_boundary = bool(tcfg.analysis) and pair.input_shape == (2,)
-        if self.start_step == 0 and pair.is_image:
+        if self.start_step == 0 and pair.is_image and world.is_main:
             for name, domain in (("source", pair.source_train), ("target", pair.target_train)):
                 self.logger.images(f"data/{name}_samples", domain.unnormalize(next(domain.batches(32))[0]))
         self.bar = tqdm(total=self.max_steps, initial=self.start_step, desc=f"{cfg.method.name} on {pair.name}",
-                        disable=not tcfg.progress, dynamic_ncols=True, mininterval=0.5)
+                        disable=not (tcfg.progress and world.is_main), dynamic_ncols=True, mininterval=0.5)
         self.loop_start = time.perf_counter()
         self.outside_loop = 0.0  # seconds spent evaluating and checkpointing, excluded from the steps/s figure
         # A device tensor, so checking every step's loss costs no GPU synchronisation; it is read (and the
@@ -238,6 +257,7 @@ class Run:
             "last_eval": self.last_eval,
             "last_ema_eval": self.last_ema_eval,
             "train_time_s": self.train_time,
+            "world_size": self.world.size,  # a resumed run needs as many processes (its batches are split so)
             "ema": None if self.ema is None else self.ema.state_dict(),
             "selected_weights": "ema" if self.ema_select else "raw",  # the weights da-eval evaluates by default
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -278,6 +298,7 @@ class Run:
         # trainer.precision=bf16 | fp16: the step's forward passes in that dtype (Method.backward leaves autocast).
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             terms = self.method.step(batch, ctx)
+        distributed.broadcast_buffers(self.method)  # several processes: BatchNorm statistics follow rank 0
         if self.ema is not None:
             self.ema.update()
         self.bar.update(1)
@@ -285,9 +306,10 @@ class Run:
         return terms
 
     def stop_if_loss_not_finite(self, terms: dict, done: int) -> None:
-        if self.loss_not_finite:
+        if distributed.any_rank(self.loss_not_finite):  # every rank stops together
             self.bar.close()
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
             cfg = self.cfg
             raise UserError(
                 f"the training loss of method={cfg.method.name} was not finite (now {float(terms['loss'])}) "
@@ -297,6 +319,8 @@ class Run:
         self.last_checked = done
 
     def log_training(self, terms: dict, ctx: StepContext, done: int) -> None:
+        if not self.world.is_main:
+            return
         # .item() waits for the device, so it happens only on logging steps.
         values = {k: float(v) for k, v in terms.items()}
         self.logger.scalars("train", {**values, "grl_lambda": ctx.grl_lambda, "lr": ctx.lr}, done)
@@ -329,7 +353,9 @@ class Run:
                                   self.cfg.method.name)
 
     def evaluate_and_save(self, done: int, evaluate_now: bool, save_now: bool) -> None:
-        """Evaluation and/or last.pt, their time kept out of the training time."""
+        """Evaluation and/or last.pt, their time kept out of the training time (rank 0 only)."""
+        if not self.world.is_main:
+            return
         pause = time.perf_counter()
         if evaluate_now:
             self.evaluate(done)
@@ -341,8 +367,12 @@ class Run:
             self.outside_loop += time.perf_counter() - pause
 
     def finish(self) -> dict:
-        """The end-of-run analysis, metrics.json, the hparams row; returns the final metrics."""
+        """The final report (rank 0); every rank returns its metrics."""
         self.bar.close()
+        return distributed.from_main(self.report() if self.world.is_main else None)
+
+    def report(self) -> dict:
+        """The end-of-run analysis, metrics.json, the hparams row; returns the final metrics."""
         cfg, tcfg, task, picks, select = self.cfg, self.cfg.trainer, self.task, self.picks, self.select
         analysis = {}
         if tcfg.analysis and not task.feature_analysis:
@@ -373,6 +403,7 @@ class Run:
             "oracle": {**self.oracle, "uses_target_labels": True},
             "train_time_s": round(self.train_time, 3),
             "train_steps_per_s": round(self.max_steps / self.train_time, 2) if self.train_time > 0 else None,
+            "processes": self.world.size,  # torchrun / srun: the ranks that shared each batch
             **analysis,  # proxy_a_distance, target_ari
             "wall_time_s": round(time.perf_counter() - self.start_time, 3),
         }

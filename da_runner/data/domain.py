@@ -51,9 +51,11 @@ class Domain(Protocol):
 class BatchSource(Protocol):
     """What `Domain.stream` returns: `next(stream)` -> (inputs, labels) on the domain's device, and
     a state that checkpoints carry so a resumed run draws exactly the same batches. `last_index`
-    holds the dataset indices (N,) of the batch drawn last (None before the first)."""
+    holds the dataset indices (N,) of the batch drawn last (None before the first); `order` is the
+    `EpochOrder` it draws by (a run on several processes shards it before the first draw)."""
 
     last_index: torch.Tensor | None
+    order: "EpochOrder"
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -104,6 +106,11 @@ class EpochOrder:
     epochs (the tail of a permutation is dropped, as DataLoader's drop_last does). `next_batch()` also
     says where the batch stands (epoch, position in the permutation), which file-backed streams turn
     into per-sample augmentation seeds.
+
+    In a run on several processes (da_runner/distributed.py) every rank walks the same order of
+    global batches of `batch_size` and, after `shard(rank, count)`, is handed only its share: rows
+    [rank * b, (rank + 1) * b) of each, b = batch_size / count, with their own positions (so per-sample
+    seeds are those a one-process run gives the same samples).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
@@ -114,20 +121,29 @@ class EpochOrder:
         self.perm = torch.empty(0, dtype=torch.long)
         self.pos = 0
         self.epoch = 0  # permutations drawn so far
+        self.rank, self.ranks = 0, 1  # which share of each global batch this process takes (shard)
+
+    def shard(self, rank: int, count: int) -> None:
+        """From now on, hand out share `rank` of `count` equal shares of every batch."""
+        if self.batch_size % count:
+            raise ValueError(f"batch size {self.batch_size} does not split into {count} equal shares")
+        self.rank, self.ranks = rank, count
 
     def next_batch(self) -> tuple[torch.Tensor, int, int]:
-        """The next batch's indices, its epoch and its start in that epoch's permutation."""
+        """The next batch's indices (this rank's share), its epoch and its start in that epoch's permutation."""
         if self.pos + self.batch_size > len(self.perm):
             self.perm = torch.randperm(self.n, generator=self.generator)
             self.pos = 0
             self.epoch += 1
-        start = self.pos
+        share = self.batch_size // self.ranks
+        start = self.pos + self.rank * share
         self.pos += self.batch_size
-        return self.perm[start : self.pos], self.epoch, start
+        return self.perm[start : start + share], self.epoch, start
 
     def copy(self) -> "EpochOrder":
         other = EpochOrder(self.n, self.batch_size, 0)
         other.load_state_dict(self.state_dict())
+        other.shard(self.rank, self.ranks)
         return other
 
     def state_dict(self) -> dict:

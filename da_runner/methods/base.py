@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from da_runner.distributed import average_gradients
 from da_runner.errors import UserError
 from da_runner.nn.backbones import FeatureExtractor, build_features
 from da_runner.nn.heads import label_head
@@ -284,7 +285,10 @@ class Method(nn.Module):
     def step_optimizers(self, *optimizers: torch.optim.Optimizer) -> None:
         """Step `optimizers` on the gradients of the last `backward`, then let the grad scaler adapt its
         factor. Under fp16 a step whose gradients hold an inf or a NaN is skipped and the factor
-        halved; call this once per backward, with every optimizer that backward feeds."""
+        halved; call this once per backward, with every optimizer that backward feeds. In a run on
+        several processes the gradients are first averaged over the ranks (da_runner/distributed.py),
+        so every rank takes the same step."""
+        average_gradients(p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"])
         for optimizer in optimizers:
             self.grad_scaler.step(optimizer)
         self.grad_scaler.update()
