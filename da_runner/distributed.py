@@ -41,13 +41,21 @@ class World:
         return self.rank == 0
 
 
+# Where launchers other than torchrun say how many tasks run and which one this is: (rank, count, local
+# rank). SLURM's srun (hydra/launcher=slurm_ddp submits through it); submitit's local executor
+# (hydra/launcher=submitit_local with tasks_per_node > 1), which runs the same job on one machine.
+TASK_VARIABLES = (("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+                  ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID"))
+
+
 def from_environment(env=os.environ) -> World:
-    """The world that torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun with several tasks
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) describes; one process otherwise."""
+    """The world that torchrun (RANK, WORLD_SIZE, LOCAL_RANK), srun with several tasks (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID) or submitit's local executor describes; one process otherwise."""
     if "RANK" in env and "WORLD_SIZE" in env:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    for rank, count, local_rank in TASK_VARIABLES:
+        if int(env.get(count, "1")) > 1 and rank in env:
+            return World(int(env[rank]), int(env[count]), int(env.get(local_rank, 0)))
     return World()
 
 
@@ -62,7 +70,8 @@ def init() -> World:
     if world.size == 1 or (dist.is_available() and dist.is_initialized()):
         return world
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", "0"))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(job_id) % 20000))
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, rank=world.rank, world_size=world.size, timeout=TIMEOUT)
     return world

@@ -148,7 +148,9 @@ class Run:
         validate(build_cfg)
         self.device = device = resolve_device(cfg.device)
         if world.size > 1 and device.type == "cuda":
-            self.device = device = torch.device("cuda", world.local_rank)  # one GPU per rank
+            # One GPU per rank: its local rank among the GPUs it sees (all of the node's, or one where
+            # SLURM binds a GPU to each task).
+            self.device = device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         tcfg = cfg.trainer
         if tcfg.batch_size % world.size:

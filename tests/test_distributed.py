@@ -73,6 +73,20 @@ def test_rank_zero_alone_writes_into_one_run_directory(tmp_path):
     assert read_metrics(run_dirs[0])["processes"] == 2
 
 
+def test_a_sweep_job_of_two_tasks_trains_one_run_on_two_processes(tmp_path):
+    """What hydra/launcher=slurm_ddp does on a cluster, on this machine: submitit's local executor starts
+    the job's two tasks, each one rank of the run (the same launcher code, SUBMITIT_LOCAL_* for SLURM_*)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = [*PLAIN_TOY, "method=dann"]
+    result = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", *args], cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / "metrics.json").is_file()]
+    assert read_metrics(job)["processes"] == 2
+    train(make_cfg(*args), tmp_path / "one")
+    assert max_weight_difference(tmp_path / "one", job) < 1e-5
+
+
 def test_a_sweep_under_torchrun_is_refused_with_a_pointer(tmp_path):
     result = run_cli(["-m", "seed=0,1"], cwd=tmp_path, env_extra={"RANK": "0", "WORLD_SIZE": "2"})
     assert result.returncode == 1

@@ -188,6 +188,13 @@ def test_slurm_launcher_config_composes():
     assert launcher.timeout_min > 0
 
 
+def test_slurm_ddp_launcher_config_runs_one_task_per_gpu():
+    launcher = hydra_compose("hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=8",
+                             "hydra.launcher.nodes=2").hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 8 and launcher.nodes == 2 and launcher.timeout_min > 0
+
+
 def test_optuna_sweep_optimises_a_label_free_objective(tmp_path):
     sweep = tmp_path / "optuna"
     result = run_cli(["-m", "sweep=optuna_lr_grl", "hydra.sweeper.n_trials=3", *FAST, f"hydra.sweep.dir={sweep}"],
