@@ -1,5 +1,6 @@
 """The benchmark scripts' own code paths, on tiny data: the bare loop of scripts/bench_throughput.py
-over image files, and scripts/bench_peer.py without (and, where installed, with) pytorch-adapt."""
+over image files, scripts/bench_peer.py without (and, where installed, with) pytorch-adapt, and
+scripts/bench_processes.py's runs on one and on two processes."""
 
 import importlib.util
 import sys
@@ -61,3 +62,11 @@ def test_bench_peer_sides_compute_the_same_function():
     cfg = peer.compose_config([*peer.SAME_FUNCTION, *TINY_DIGITS], steps=3)
     loss_gap, weight_gap = peer.check_same_function(cfg, steps=3)
     assert loss_gap < 1e-5 and weight_gap < 1e-5
+
+
+def test_bench_processes_reads_the_rate_of_one_and_of_two_processes(tmp_path):
+    processes = load_script("bench_processes")
+    toy = ["data=toy2d", "backbone=mlp", "data.samples_per_domain=200", "trainer.batch_size=16"]
+    rates = [processes.run(nproc, 1, 4, toy, tmp_path / str(nproc)) for nproc in (1, 2)]
+    assert all(rate > 0 for rate in rates)
+    assert [processes.json.loads((tmp_path / str(n) / "metrics.json").read_text())["processes"] for n in (1, 2)] == [1, 2]
