@@ -22,6 +22,14 @@ os.environ.pop("DA_DATA_MIRROR", None)
 atexit.register(shutil.rmtree, _USER_DATA, ignore_errors=True)
 
 # Small but real: the embedded pair shrunk so every test trains in seconds on 2 CPU cores.
+def classification_methods() -> list[str]:
+    """The registered methods that train on classification pairs (all but the segmentation-only ones,
+    which tests/test_segmentation.py trains on the segmentation pair)."""
+    from da_runner.methods import METHODS
+
+    return sorted(name for name, method in METHODS.items() if "classification" in method.tasks)
+
+
 TINY_DIGITS = [
     "data.source_size=120", "data.target_train_size=60", "data.target_test_size=60",
     "trainer.batch_size=8", "trainer.progress=false", "trainer.analysis=false",

@@ -187,6 +187,21 @@ def test_segmentation_run_resumes_exactly(monkeypatch, tmp_path, method):
         assert resumed[key] == full[key]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_advent_trains_under_mixed_precision(tmp_path, precision):
+    """The segmentation-only method under trainer.precision (tests/test_methods.py covers the classification
+    methods): finite losses, weights still float32 and moved."""
+    cfg = make_cfg(*TINY_SEG, "method=advent", "method.entropy_weight=0.01", f"trainer.precision={precision}")
+    torch.manual_seed(0)
+    initial = build_method(cfg, (3, 64, 64), 11).state_dict()
+    metrics = train(cfg, tmp_path)
+    assert math.isfinite(metrics["target_miou"])
+    final = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["method"]["modules"]
+    floats = [k for k, v in initial.items() if v.is_floating_point()]
+    assert all(final[k].dtype == torch.float32 for k in floats)
+    assert any(k.startswith("discriminator") and not torch.equal(initial[k], final[k]) for k in floats)
+
+
 def test_the_default_end_of_run_analysis_passes_over_segmentation_runs(tmp_path):
     """trainer.analysis (on by default) clusters one feature vector per labelled sample: a segmentation
     run skips it instead of failing at the end."""

@@ -10,7 +10,7 @@ from da_runner.errors import UserError
 from da_runner.methods import METHODS, build_method
 import da_runner.trainer as trainer_module
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, crash_and_resume, load_ckpt, make_cfg, read_metrics
+from conftest import TINY_DIGITS, TINY_TOY, classification_methods, crash_and_resume, load_ckpt, make_cfg, read_metrics
 
 REQUIRED_TAGS = ["train/loss", "train/loss_cls", "train/loss_domain", "train/domain_acc", "train/grl_lambda",
                  "train/lr", "eval/source_acc", "eval/target_acc"]
@@ -70,7 +70,7 @@ def test_same_seed_same_result_and_other_seed_differs(tmp_path):
 
 
 # DIRT-T starts from a VADA run: tests/test_vada.py resumes it.
-RESUME_CASES = [(name, 7) for name in sorted(METHODS) if name != "dirt_t"] + [("dann", 10), ("adda", 10)]
+RESUME_CASES = [(name, 7) for name in classification_methods() if name != "dirt_t"] + [("dann", 10), ("adda", 10)]
 # ADDA switches stages at step 6: crashing at 7 resumes from stage 1 (step 4), at 10 from stage 2 (step 8).
 # PADA updates its class weights every 3 steps: the crash falls between two updates.
 # SHOT switches stages at step 3 and refreshes its pseudo-labels every 60 // 8 = 7 steps (an epoch of the
