@@ -63,10 +63,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def resume_or_restart(work: Path, settings: dict) -> None:
+def resume_or_restart(work: Path, settings: dict) -> Path:
     """Make `work` the folder of a build with `settings`: a partial build there with the same settings
     (its settings.json) is kept to resume; one with other settings, or one stopped before it wrote
-    them, is deleted. Files an interruption caught half-written (*.tmp) are removed."""
+    them, is deleted. Files an interruption caught half-written (*.tmp) are removed. Returns the
+    settings file, which the build deletes once it is complete."""
     started = work / "settings.json"
     if work.is_dir():
         try:
@@ -79,6 +80,7 @@ def resume_or_restart(work: Path, settings: dict) -> None:
     _write_atomic(started, json.dumps(settings).encode())
     for stale in work.glob("*.tmp"):
         stale.unlink()
+    return started
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
@@ -97,7 +99,7 @@ def build_mnistm(mnist_root: Path, bsds: Path, out: Path, seed: int = 0, sizes=R
     if final.exists() and any(final.iterdir()):
         raise UserError(f"{final} exists already; delete it to build MNIST-M again")
     settings = {"seed": int(seed), "sizes": {k: int(v) for k, v in sizes.items()}, "image_size": int(image_size)}
-    resume_or_restart(work, settings)
+    started = resume_or_restart(work, settings)
 
     photos = load_bsds_train(bsds)
     rng = np.random.default_rng(seed)

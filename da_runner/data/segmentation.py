@@ -194,7 +194,7 @@ def build_digits_seg(mnist_root, bsds, out, seed: int = 0, sizes=DEFAULT_SIZES, 
     train_photos = load_bsds_train(bsds)
     test_photos = _load_bsds(bsds, "test")
 
-    resume_or_restart(work, settings)
+    started = resume_or_restart(work, settings)
 
     mnist = load_split("mnist", True, mnist_root, cache_dir=cache_dir)
     mnist_test = load_split("mnist", False, mnist_root, cache_dir=cache_dir)
@@ -224,7 +224,7 @@ def build_digits_seg(mnist_root, bsds, out, seed: int = 0, sizes=DEFAULT_SIZES, 
                    "target_test": "BSDS500 test" if test_photos else "BSDS500 train (no test photos found)"},
     }
     _write_atomic(work / BUILD_INFO, lambda f: f.write(json.dumps(info, indent=2).encode()))
-    (work / "settings.json").unlink()  # resume_or_restart's marker: the build is complete
+    started.unlink()  # resume_or_restart's marker: the build is complete
     os.replace(work, final)
     return info
 
