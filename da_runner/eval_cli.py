@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from da_runner.errors import UserError

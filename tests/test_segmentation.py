@@ -1,13 +1,11 @@
 """Semantic segmentation: the task's metrics, the dense network, AdvEnt's pieces and losses, and runs on
 the embedded segmentation pair (train, parameters change, exact resume, TensorBoard)."""
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import crash_and_resume, make_cfg, read_metrics

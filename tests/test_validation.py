@@ -12,7 +12,7 @@ from da_runner.analysis import proxy_a_distance
 from da_runner.errors import UserError
 from da_runner.eval_cli import main as da_eval
 from da_runner.trainer import train
-from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg, read_metrics
+from conftest import TINY_DIGITS, TINY_TOY, load_ckpt, make_cfg
 from test_trainer import scalar_tags
 
 

@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 from da_runner.data.augment import check_level
 from da_runner.data.domain import EpochOrder, sample_index
 from da_runner.data.memory import normalize_images, unnormalize_images
-from da_runner.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
