@@ -137,6 +137,25 @@ def test_advent_losses_match_a_hand_computation():
     assert terms["loss_disc"].item() == pytest.approx(loss_disc.item(), rel=1e-4)
 
 
+def test_the_balance_term_over_pixels_aims_at_the_source_batch_class_shares():
+    """Per pixel, a uniform aim would push the background (most pixels) towards 1 / C: the balance is the
+    cross-entropy between the source batch's labelled-pixel class shares and the target's mean prediction."""
+    cfg = make_cfg(*TINY_SEG, "method=minent", "method.entropy_weight=0.01", "method.balance_weight=0.5")
+    torch.manual_seed(0)
+    method = build_method(cfg, (3, 64, 64), 11)
+    y_s = torch.zeros(2, 64, 64, dtype=torch.long)
+    y_s[0, :16] = 3  # 1,024 pixels of class 3, 1,024 void, the other 6,144 background
+    y_s[1, :16] = IGNORE_INDEX
+    batch = Batch(x_s=torch.randn(2, 3, 64, 64), y_s=y_s, x_t=torch.randn(2, 3, 64, 64))
+    ctx = StepContext(step=0, max_steps=10, progress=0.0, grl_lambda=1.0, lr=float(cfg.optim.lr))
+    with torch.no_grad():  # the step's forward pass: both domains together, train mode
+        logits_t = method.classifier(method.features(torch.cat([batch.x_s, batch.x_t])))[2:]
+    mean_p = logits_t.softmax(1).mean((0, 2, 3))
+    expected = -(6 / 7 * torch.log(mean_p[0] + 1e-6) + 1 / 7 * torch.log(mean_p[3] + 1e-6))
+    terms = method.step(batch, ctx)
+    assert terms["loss_balance"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
 def test_advent_network_step_leaves_the_discriminator_to_its_own_loss():
     """The adversarial loss must not train D towards calling target maps source: with D's lr 0, D stays put."""
     method, batch, ctx = _advent_and_batch("method.discriminator_lr=0")

@@ -13,6 +13,7 @@ in eval mode and without gradients. Each training batch carries the dataset indi
 samples (`Batch.idx_t`), so per-sample results of the pass line up with the batches.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ from da_runner.distributed import average_gradients
 from da_runner.errors import UserError
 from da_runner.nn.backbones import FeatureExtractor, build_features
 from da_runner.nn.heads import label_head
-from da_runner.nn.losses import IGNORE_INDEX, bnm_loss, class_balance_loss, entropy_loss, fixmatch_loss
+from da_runner.nn.losses import (IGNORE_INDEX, bnm_loss, class_balance_loss, entropy_loss, fixmatch_loss,
+                                 label_frequencies)
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,8 @@ class Method(nn.Module):
         """Entropy minimisation, BNM, the class-balance (diversity) term and FixMatch's term on the
         target predictions, weighted by `method.entropy_weight`, `method.bnm_weight`,
         `method.balance_weight` and `method.fixmatch_weight` (0 or absent = off) times `ramp(ctx)`.
-        Entropy plus balance is information maximisation (IM). FixMatch's term (`fixmatch_loss`)
+        Entropy plus balance is information maximisation (IM); on per-pixel logits the balance aims at
+        the source batch's pixel-class shares instead of uniform ones. FixMatch's term (`fixmatch_loss`)
         takes the pseudo-labels from `logits_t` and trains the classifier on the strong view,
         `batch.x_t_views[0]` (the first of `extra_target_views`); AdaMatch's distribution alignment
         and relative threshold (`method.fixmatch_align`, `method.fixmatch_relative`) read the
@@ -244,9 +247,15 @@ class Method(nn.Module):
         `loss_bnm`, `loss_balance`, `loss_fixmatch` and `fixmatch_mask`, the share of target samples
         confident enough to be pseudo-labelled)."""
         total, terms = torch.zeros((), device=logits_t.device), {}
+        balance = class_balance_loss
+        if logits_t.dim() == 4 and batch is not None:
+            # Per pixel, the balance aims at the source batch's share of each class among its labelled
+            # pixels: a uniform aim would push the background's share (most pixels) down towards 1 / C.
+            prior = label_frequencies(batch.y_s, logits_t.shape[1])
+            balance = functools.partial(class_balance_loss, prior=prior)
         for name, weight_key, loss_fn in (("loss_entropy", "entropy_weight", entropy_loss),
                                           ("loss_bnm", "bnm_weight", bnm_loss),
-                                          ("loss_balance", "balance_weight", class_balance_loss)):
+                                          ("loss_balance", "balance_weight", balance)):
             weight = float(self.cfg.method.get(weight_key, 0.0))  # >= 0: checked by config.validate
             if weight > 0:  # the configured weight: a ramp at 0 still logs the term from the first step
                 term = loss_fn(logits_t)

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE_INDEX = 255  # a segmentation label that counts nowhere, in the loss and the metrics (Cityscapes' void)
+
+
 def in_float32(loss_fn):
     """Run `loss_fn` outside autocast on float32 copies of its tensor arguments (also inside lists).
 
@@ -207,11 +210,22 @@ def classifier_discrepancy(logits_1: torch.Tensor, logits_2: torch.Tensor) -> to
     return (F.softmax(logits_1, dim=1) - F.softmax(logits_2, dim=1)).abs().mean()
 
 
-def class_balance_loss(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """-mean_k log(mean_i p_ik): the cross-entropy between the uniform class distribution and the
-    batch's mean prediction, smallest (log C) when the predictions spread evenly over the classes.
-    Transfer-Learning-Library's MCD adds it on target predictions. (N, C) -> scalar."""
-    return -torch.log(F.softmax(logits, dim=1).mean(0) + eps).mean()
+def class_balance_loss(logits: torch.Tensor, eps: float = 1e-6, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum_k prior_k log(mean_i p_ik): the cross-entropy between a class distribution `prior` (C,)
+    (default uniform: -mean_k log(mean_i p_ik)) and the batch's mean prediction, smallest when the
+    predictions spread over the classes as `prior` does. Transfer-Learning-Library's MCD adds it, uniform,
+    on target predictions. (N, C), or per pixel (N, C, H, W) with the mean over every pixel -> scalar."""
+    p = F.softmax(logits, dim=1)
+    mean_p = p.transpose(0, 1).reshape(p.shape[1], -1).mean(1)  # (C,): over samples (and pixels)
+    if prior is None:
+        return -torch.log(mean_p + eps).mean()
+    return -(prior * torch.log(mean_p + eps)).sum()
+
+
+def label_frequencies(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The share of each class among `labels` (any shape; `ignore_index` left out): (num_classes,) float."""
+    labels = labels[labels != ignore_index].long()
+    return torch.bincount(labels, minlength=num_classes).float() / max(1, labels.numel())
 
 
 def mdd_adversary_loss(logits_adv_s: torch.Tensor, logits_adv_t: torch.Tensor, pred_s: torch.Tensor,
@@ -307,7 +321,6 @@ def class_balance_bce(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return -(u * torch.log(a + eps) + (1 - u) * torch.log(1 - a + eps)).sum()
 
 
-IGNORE_INDEX = 255  # a segmentation label that counts nowhere, in the loss and the metrics (Cityscapes' void)
 
 
 @in_float32
