@@ -48,7 +48,7 @@ def _threads_per_parallel_job(hydra_cfg) -> int | None:
 def _several_processes() -> bool:
     """Whether torchrun or srun started this process as one of several (without importing torch)."""
     return "WORLD_SIZE" in os.environ or any(int(os.environ.get(count, "1")) > 1
-                                             for count in ("SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS"))
+                                             for count in ("SLURM_STEP_NUM_TASKS", "SUBMITIT_LOCAL_NTASKS"))
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:

@@ -218,9 +218,13 @@ def test_shards_of_a_batch_are_its_rows_in_rank_order_with_their_positions():
 def test_the_world_is_read_from_torchrun_or_slurm():
     assert distributed.from_environment({}) == distributed.World(0, 1, 0)
     assert distributed.from_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == distributed.World(3, 4, 1)
-    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
     assert distributed.from_environment(slurm) == distributed.World(5, 8, 1)
-    assert distributed.from_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).size == 1  # one task: one process
+    assert distributed.from_environment({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}).size == 1
+    # a batch script of an 8-task allocation that runs da-run itself, without srun: one process
+    assert distributed.from_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "8"}).size == 1
+    local = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1"}
+    assert distributed.from_environment(local) == distributed.World(1, 2, 1)
 
 
 def test_sync_batch_norm_keeps_the_parameters_the_optimizer_holds():
