@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from da_runner.config_tree import config_dir
 from da_runner.errors import UserError
 from da_runner.status import read_status, write_status
+from da_runner.world import from_environment
 
 log = logging.getLogger("da_runner")
 
@@ -45,22 +46,12 @@ def _threads_per_parallel_job(hydra_cfg) -> int | None:
     return max(1, cpus // parallel)
 
 
-def _several_processes() -> bool:
-    """Whether torchrun or srun started this process as one of several (without importing torch)."""
-    return "WORLD_SIZE" in os.environ or any(int(os.environ.get(count, "1")) > 1
-                                             for count in ("SLURM_STEP_NUM_TASKS", "SUBMITIT_LOCAL_NTASKS"))
-
-
 def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
     from da_runner.trainer import train  # imported here so `da-run --help` answers without loading torch
 
-    is_main = True
-    if _several_processes():
-        from da_runner import distributed
-
-        is_main = distributed.from_environment().is_main
-        if not is_main:  # one voice: the other ranks report warnings and errors only
-            log.setLevel(logging.WARNING)
+    is_main = from_environment().is_main
+    if not is_main:  # one of several processes: the other ranks report warnings and errors only
+        log.setLevel(logging.WARNING)
 
     if in_sweep:
         if read_status(run_dir)["status"] == "completed":
@@ -132,7 +123,7 @@ def _join_processes() -> bool:
     starts, so that every rank writes to the run directory rank 0 chose (Hydra's default one is named by
     the clock, which the ranks read at different moments) and only rank 0 writes Hydra's own files
     there. Returns whether this process is one of several."""
-    if not _several_processes():
+    if from_environment().size == 1:
         return False
     from da_runner import distributed
 

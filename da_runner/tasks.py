@@ -88,14 +88,15 @@ def open_set_metrics(predicted: torch.Tensor, labels: torch.Tensor, unknown: int
 class ClassificationTask:
     """Closed and partial pairs: the classifier's argmax over the source's classes."""
 
+    # trainer.analysis: proxy A-distance, t-SNE and ARI over one feature vector and one label per sample
+    feature_analysis = True
+
     def __init__(self, label_space: LabelSpace):
         self.label_space = label_space
         self.setting = label_space.setting
         # the keys each evaluation adds for the target test split; target_acc first
         self.metric_names: tuple[str, ...] = ("target_acc", "target_mean_class_acc")
         self.primary_metric = "target_acc"  # the oracle's: the best evaluation by target labels
-        # trainer.analysis: proxy A-distance, t-SNE and ARI over one feature vector and one label per sample
-        self.feature_analysis = True
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ Options (configs/method/afn.yaml): trade_off (paper: 0.05), delta_r (paper: 1.0 
 digits), radius (null = stepwise), entropy_weight.
 """
 
-
 from da_runner.methods.base import LossTermMethod
 from da_runner.methods.registry import register
 from da_runner.nn.losses import afn_loss

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 IGNORE_INDEX = 255  # a segmentation label that counts nowhere, in the loss and the metrics (Cityscapes' void)
 
 
@@ -216,7 +215,7 @@ def class_balance_loss(logits: torch.Tensor, eps: float = 1e-6, prior: torch.Ten
     predictions spread over the classes as `prior` does. Transfer-Learning-Library's MCD adds it, uniform,
     on target predictions. (N, C), or per pixel (N, C, H, W) with the mean over every pixel -> scalar."""
     p = F.softmax(logits, dim=1)
-    mean_p = p.transpose(0, 1).reshape(p.shape[1], -1).mean(1)  # (C,): over samples (and pixels)
+    mean_p = p.movedim(1, -1).reshape(-1, p.shape[1]).mean(0)  # (C,): over samples (and pixels)
     if prior is None:
         return -torch.log(mean_p + eps).mean()
     return -(prior * torch.log(mean_p + eps)).sum()
@@ -319,8 +318,6 @@ def class_balance_bce(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     a = F.softmax(logits, dim=1).mean(dim=0)
     u = 1.0 / logits.shape[1]
     return -(u * torch.log(a + eps) + (1 - u) * torch.log(1 - a + eps)).sum()
-
-
 
 
 @in_float32
