@@ -146,14 +146,15 @@ def _join_processes() -> bool:
 
 def main() -> None:
     several = _join_processes()
+    succeeded = False
     try:
         run()
+        succeeded = True
     finally:
         if several:
-            import torch.distributed as dist
+            from da_runner import distributed
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            distributed.finish(succeeded)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,19 @@ def init() -> World:
     return world
 
 
+def finish(succeeded: bool) -> None:
+    """Leave the process group at the end of the run. After a run that ended normally every rank first
+    waits for the others (rank 0 is still evaluating and writing when the others are done): a rank that
+    tears its connections down while a peer still uses them can abort in gloo's threads as it exits.
+    After a failure no rank waits, since the others may never arrive; each leaves, and the launcher
+    stops the rest."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

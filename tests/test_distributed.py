@@ -101,6 +101,7 @@ def _rank(rank: int, port: int, runs: list, errors) -> None:
     torch.set_num_threads(1)
     from da_runner.methods import METHODS
 
+    succeeded = False
     try:
         for args, run_dir, crash_at in runs:
             if crash_at is not None:
@@ -120,11 +121,11 @@ def _rank(rank: int, port: int, runs: list, errors) -> None:
                     METHODS["dann"].step = original
             else:
                 train(make_cfg(*args), run_dir)
+        succeeded = True
     except UserError as err:
         errors.put((rank, str(err)))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.finish(succeeded)
 
 
 def spawn_two(runs) -> list:
@@ -195,6 +196,32 @@ def test_every_method_trains_on_two_processes_with_the_ranks_in_step(tmp_path):
     for name, by_rank in found.items():
         assert by_rank[0] == by_rank[1], name
         assert read_metrics(tmp_path / name)["processes"] == 2
+
+
+def _finishing_rank(rank: int, port: int, times) -> None:
+    """Join a two-rank group, let rank 0 arrive late at `finish`, and record when each rank left it."""
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.init()
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 still evaluating and writing while rank 1 is done
+    arrived = time.time()
+    distributed.finish(succeeded=True)
+    times.put((rank, arrived, time.time(), torch.distributed.is_initialized()))
+
+
+def test_after_a_run_every_rank_waits_for_the_others_before_leaving_the_group():
+    times = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_finishing_rank, args=(free_port(), times), nprocs=2, join=True)
+    found = {}
+    while not times.empty():
+        rank, arrived, left, still_in_group = times.get()
+        found[rank] = (arrived, left, still_in_group)
+    assert sorted(found) == [0, 1]
+    assert found[1][1] >= found[0][0]  # rank 1 left only once rank 0 had arrived
+    assert not found[0][2] and not found[1][2]
 
 
 # --- pieces ---
