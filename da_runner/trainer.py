@@ -31,7 +31,7 @@ from da_runner.tasks import build_task
 
 log = logging.getLogger(__name__)
 
-# trainer.precision (config.PRECISIONS) -> the dtype of the training step's autocast (None: no autocast)
+# trainer.precision (its choices: schema.TRAINER) -> the dtype of the training step's autocast (None: no autocast)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -474,12 +474,12 @@ def test_domain_weight_scales_the_domain_loss():
     (["grl=linear", "grl.ramp_steps=-5"], "grl.ramp_steps must be null or a positive integer, got -5"),
     (["optim.gamma=-0.1"], "optim.gamma must be a number >= 0, got -0.1"),
     (["optim.decay=abc"], "optim.decay must be a number >= 0, got 'abc'"),
-    (["optim.lr_mult.backbone=-1"], "optim.lr_mult.backbone must be a number >= 0, got -1"),
-    (["optim.group_momentum.heads=-0.5"], "optim.group_momentum.heads must be null or a number >= 0, got -0.5"),
-    (["backbone.bottleneck.width=0"], "backbone.bottleneck.width must be null or a positive integer, got 0"),
+    (["optim.lr_mult.backbone=-1"], "optim.lr_mult must be a mapping {backbone, bottleneck, heads: a number >= 0}, got {'backbone': -1, 'bottleneck': 1.0, 'heads': 1.0}"),
+    (["optim.group_momentum.heads=-0.5"], "optim.group_momentum must be a mapping {backbone, bottleneck, heads: null or a number >= 0}, got {'backbone': None, 'bottleneck': None, 'heads': -0.5}"),
+    (["backbone.bottleneck.width=0"], "backbone.bottleneck.width must be null (no bottleneck) or a positive integer, got 0"),
     (["backbone.bottleneck.dropout=1.0"], "backbone.bottleneck.dropout must be a number in [0, 1), got 1.0"),
     (["backbone.domain_head_dropout=-0.5"], "backbone.domain_head_dropout must be a number in [0, 1), got -0.5"),
-    (["method=mcd", "method.feature_momentum=-1"], "method.feature_momentum must be null or a number >= 0, got -1"),
+    (["method=mcd", "method.feature_momentum=-1"], "method.feature_momentum must be null (optim.momentum) or a number >= 0, got -1"),
 ])
 def test_recipe_keys_are_checked_with_a_message_naming_the_key(overrides, message):
     with pytest.raises(UserError) as error:

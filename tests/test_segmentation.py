@@ -245,7 +245,7 @@ def test_advent_refuses_a_classification_pair(tmp_path):
     (["method=advent", "method.discriminator_lr=-1"], "method.discriminator_lr must be a number >= 0, got -1"),
     (["method=advent", "method.discriminator_ndf=0"], "method.discriminator_ndf must be a positive integer, got 0"),
     (["method=advent", "method.adversarial_weight=-0.1"], "method.adversarial_weight must be a number >= 0"),
-    (["data.task=detection"], "data.task must be classification or segmentation, got 'detection'"),
+    (["data.task=detection"], "data.task must be one of classification, segmentation, got 'detection'"),
     (["optim.schedule=poly", "optim.power=-1"], "optim.power must be a number >= 0, got -1"),
 ])
 def test_segmentation_config_errors_name_key_rule_and_value(overrides, message):

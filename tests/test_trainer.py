@@ -119,7 +119,7 @@ def test_resume_keeps_the_saved_config(tmp_path):
     ("optim.lr=-0.1", "optim.lr must be a number > 0, got -0.1"),
     ("optim.lr=0", "optim.lr must be a number > 0, got 0"),
     ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0"),
-    ("device=tpu", "device must be auto, cpu or cuda"),
+    ("device=tpu", "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("trainer.batch_size=100000", "trainer.batch_size=100000 is larger than"),
     ("trainer.precision=fp8", "trainer.precision must be one of fp32, bf16, fp16, got 'fp8'"),
     ("trainer.channels_last=yes", "trainer.channels_last must be true or false, got 'yes'"),
@@ -193,9 +193,9 @@ def test_mixed_precision_runs_the_forward_in_low_precision_and_keeps_float32_wei
 
 
 def test_every_precision_has_an_autocast_dtype():
-    from da_runner.config import PRECISIONS
+    from da_runner.schema import TRAINER
 
-    assert set(trainer_module.AUTOCAST_DTYPES) == set(PRECISIONS)
+    assert set(trainer_module.AUTOCAST_DTYPES) == set(TRAINER["precision"].rule.options)
 
 
 def test_fp16_grad_scaler_skips_a_step_with_overflowing_gradients_and_resumes_its_factor():
