@@ -47,7 +47,10 @@ def _threads_per_parallel_job(hydra_cfg) -> int | None:
 
 
 def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
-    from da_runner.trainer import train  # imported here so `da-run --help` answers without loading torch
+    # Imported here so that `da-run --help` answers without loading torch.
+    from da_runner.config import validate
+    from da_runner.nn.backbones import without_initial_weights
+    from da_runner.trainer import train
 
     is_main = from_environment().is_main
     if not is_main:  # one of several processes: the other ranks report warnings and errors only
@@ -67,6 +70,8 @@ def _run_job(cfg: DictConfig, run_dir: Path, in_sweep: bool) -> float:
             torch.set_num_threads(threads)
             log.info("parallel jobs: %d CPU thread(s) for this one", threads)
 
+    if not in_sweep:  # a bad value ends the run here, before its directory holds more than Hydra's files
+        validate(without_initial_weights(cfg) if cfg.resume else cfg)
     if is_main:
         write_status(run_dir, "running")
     try:
@@ -118,6 +123,14 @@ class SweepReport(Callback):
             sys.exit(1)
 
 
+def _keys_help(*, _root_: DictConfig) -> str:
+    """`${da.keys_help:}` in the --help template: every key of the composition being asked about, with its
+    value, its rule and its documentation (da_runner/schema.py)."""
+    from da_runner import schema
+
+    return schema.help_text(_root_).replace("$", "$$")  # the template is a string.Template
+
+
 def _join_processes() -> bool:
     """Under torchrun (or srun with several tasks) for one run: join the process group before Hydra
     starts, so that every rank writes to the run directory rank 0 chose (Hydra's default one is named by
@@ -145,6 +158,8 @@ def _join_processes() -> bool:
 
 
 def main() -> None:
+    if not OmegaConf.has_resolver("da.keys_help"):
+        OmegaConf.register_new_resolver("da.keys_help", _keys_help)
     several = _join_processes()
     succeeded = False
     try:

@@ -50,9 +50,9 @@ class Text(Rule):
 
 
 class Choice(Rule):
-    def __init__(self, *options: str):
+    def __init__(self, *options: str, text: str | None = None):
         self.options = options
-        self.text = ("one of " if len(options) > 1 else "") + ", ".join(map(str, options))
+        self.text = text or ("one of " if len(options) > 1 else "") + ", ".join(map(str, options))
 
     def allows(self, value) -> bool:
         return isinstance(value, str) and value in self.options

@@ -6,6 +6,7 @@ config). Rules that tie keys together live at the end (ACROSS_KEYS).
 
 `check(cfg)` raises UserError at the first bad value: the key, the rule in words and the value given."""
 
+import json
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -54,7 +55,7 @@ TRAINER = {
     "channels_last": Key(Boolean(), "convolution weights and image batches in NHWC layout"),
     "compile": Key(Boolean(), "torch.compile every network of the method"),
     "sync_bn": Key(Boolean(), "several processes: BatchNorm statistics over all of them (GPUs only)"),
-    "select": Key(Choice(*VALIDATORS), "the validator that chooses checkpoints/best.pt (one of trainer.validators)"),
+    "select": Key(Choice(*VALIDATORS, text=f"one of trainer.validators ({', '.join(VALIDATORS)} at most)"), "the validator that chooses checkpoints/best.pt (one of trainer.validators)"),
     "validators": Key(ListOf(Choice(*VALIDATORS), min_length=1, noun=", ".join(VALIDATORS)),
                       "label-free validators logged at every evaluation"),
     "validation_samples": Key(Integer(ge=2), "unlabelled samples per domain the validators look at"),
@@ -89,7 +90,7 @@ GRL = {
     "alpha": Key(Number(ge=0), "warm_start: steepness"),
     "max_iters": Key(POSITIVE, "warm_start: the step scale"),
     "ramp_fraction": Key(Number(gt=0, le=1), "linear: fraction of training over which lambda ramps up to hi"),
-    "ramp_steps": Key(Nullable(POSITIVE_INT, "ramp_fraction decides"), "linear: reach hi at this step"),
+    "ramp_steps": Key(Nullable(POSITIVE_INT), "linear: reach hi at this step (null: ramp_fraction decides)"),
     "start": Key(Number(ge=0, lt=1), "step: fraction of training before adaptation starts"),
 }
 
@@ -140,7 +141,7 @@ DATA = {
     "target_classes": Key(Nullable(AnyOf(CLASSES, MapOf(AnyOf(Integer(ge=0), Text()))), "all"),
                           "the target classes: a list, or a map {target class: source class}"),
     "setting": Key(Nullable(Choice(*SETTINGS), "inferred"), "closed | partial | open_set"),
-    "unknown_threshold": Key(PROBABILITY, "open-set pairs: below this top probability a sample is unknown"),
+    "unknown_threshold": Key(Number(gt=0, le=1), "open-set pairs: below this top probability a sample is unknown"),
     "source_val_fraction": Key(Number(gt=0, lt=1), "held-out source data for label-free model selection"),
     "augment": Key(Choice(*AUGMENT_LEVELS), "training augmentation"),
     "joint_augment": Key(Boolean(), "segmentation files: transforms move each label map with its image"),
@@ -218,7 +219,8 @@ METHOD = {
     "fixmatch_align": Key(Boolean(), "AdaMatch: distribution alignment"),
     "fixmatch_relative": Key(Boolean(), "AdaMatch: the threshold relative to the source confidence"),
     "confidence_threshold": Key(PROBABILITY, "mean teacher: confidence above which a target sample counts"),
-    "teacher_alpha": Key(Number(ge=0, lt=1), "mean teacher: EMA decay of the teacher's weights"),
+    "teacher_alpha": Key(Number(ge=0, lt=1, text="a number in [0, 1) (the teacher's EMA decay, e.g. 0.99)"),
+                          "mean teacher: EMA decay of the teacher's weights"),
     "teacher_every": Key(POSITIVE_INT, "DIRT-T: steps between teacher refreshes"),
     "average_decay": Key(Number(ge=0, lt=1), "DIRT-T: decay of the weight average"),
     "vat_radius": Key(POSITIVE, "L2 radius of VAT's perturbation"),
@@ -285,13 +287,23 @@ def check(cfg: DictConfig) -> None:
             raise UserError(message)
 
 
+def as_override(value) -> str:
+    """`value` as the command line writes it (trainer.ema=null, backbone.label_head=[100,100])."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":")).replace('"', "")
+
+
 def help_text(cfg: DictConfig) -> str:
-    """Every key of `cfg` with its rule and its documentation, as `da-run --help` lists them."""
+    """Every key of `cfg` as an override with its current value, the rule it must follow and what it does:
+    the keys section of `da-run --help`."""
     lines = []
     for key, value in leaves(cfg):
         entry = SCHEMA.get(key)
         if entry is not None:
-            lines.append(f"  {key} = {describe(value)}\n      {entry.rule.text}: {entry.doc}")
+            lines.append(f"  {key}={as_override(value)}\n      {entry.rule.text}; {entry.doc}")
     return "\n".join(lines)
 
 
