@@ -14,6 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from da_runner.data.augment import LEVELS as AUGMENT_LEVELS
 from da_runner.data.classes import SETTINGS
 from da_runner.errors import UserError
+from da_runner.methods import METHODS
+from da_runner.nn.backbones import BACKBONES
 from da_runner.rules import AnyOf, Boolean, Choice, Integer, ListOf, MapOf, Matches, Nullable, Number, Rule, Text, Values
 from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
 from da_runner.validators import VALIDATORS
@@ -95,7 +97,7 @@ GRL = {
 }
 
 BACKBONE = {
-    "name": Key(Text(), "the feature extractor (da_runner/nn/backbones.py)"),
+    "name": Key(Choice(*BACKBONES), "the feature extractor (da_runner/nn/backbones.py)"),
     "arch": Key(Choice("resnet50", "resnet101", "mobilenet_v3_large"), "deeplabv3: the encoder"),
     "model": Key(Nullable(Text()), "timm: a model name, optionally with a weights tag"),
     "kwargs": Key(MapOf(AnyOf(Number(), Text(), Boolean())), "timm: more options of timm.create_model"),
@@ -164,7 +166,7 @@ DATA = {
 }
 
 METHOD = {
-    "name": Key(Text(), "the method (da_runner/methods/<name>.py)"),
+    "name": Key(Choice(*sorted(METHODS)), "the method (da_runner/methods/<name>.py)"),
     "trade_off": Key(WEIGHT, "weight of the method's adaptation loss"),
     "domain_weight": Key(WEIGHT, "weight of the domain loss"),
     "adversarial_weight": Key(WEIGHT, "weight of the adversarial loss"),
@@ -349,12 +351,9 @@ def _crop_within_resize(cfg):
 
 def _backbone_initial_weights(cfg):
     """The initial weights named exist (a local file, a torchvision weights entry, a timm model)."""
-    from da_runner.nn.backbones import (BACKBONES, TORCHVISION_RESNETS, check_timm_model, local_weights_file,
-                                        torchvision_weights)
+    from da_runner.nn.backbones import TORCHVISION_RESNETS, check_timm_model, local_weights_file, torchvision_weights
 
     backbone = cfg.backbone
-    if backbone.name not in BACKBONES:
-        return f"backbone.name must be one of {', '.join(BACKBONES)}, got {backbone.name!r}"
     if backbone.get("weights") is not None:
         local_weights_file(backbone.weights)
     if backbone.get("pretrained", False) and not backbone.get("weights") and backbone.name in TORCHVISION_RESNETS:
@@ -363,13 +362,6 @@ def _backbone_initial_weights(cfg):
         check_timm_model(backbone.get("model"))
 
 
-def _method_known(cfg):
-    from da_runner.methods import METHODS
-
-    if cfg.method.name not in METHODS:
-        return f"method.name must be one of {', '.join(sorted(METHODS))}, got {cfg.method.name!r}"
-
-
 ACROSS_KEYS = [_select_is_a_validator, _ema_select_needs_ema, _init_from_given, _segmentation_pairs,
-               _crop_within_resize, _method_known, _backbone_initial_weights]
+               _crop_within_resize, _backbone_initial_weights]
 
