@@ -16,7 +16,8 @@ from da_runner.data.classes import SETTINGS
 from da_runner.errors import UserError
 from da_runner.methods import METHODS
 from da_runner.nn.backbones import BACKBONES
-from da_runner.rules import AnyOf, Boolean, Choice, Integer, ListOf, MapOf, Matches, Nullable, Number, Rule, Text, Values
+from da_runner.rules import (AnyOf, Boolean, Choice, Integer, ListOf, MapOf, Matches, Nullable, Number, Rule, Text,
+                             Values)
 from da_runner.schedules import GRL_SCHEDULES, LR_SCHEDULES
 from da_runner.validators import VALIDATORS
 
@@ -57,11 +58,13 @@ TRAINER = {
     "channels_last": Key(Boolean(), "convolution weights and image batches in NHWC layout"),
     "compile": Key(Boolean(), "torch.compile every network of the method"),
     "sync_bn": Key(Boolean(), "several processes: BatchNorm statistics over all of them (GPUs only)"),
-    "select": Key(Choice(*VALIDATORS, text=f"one of trainer.validators ({', '.join(VALIDATORS)} at most)"), "the validator that chooses checkpoints/best.pt (one of trainer.validators)"),
+    "select": Key(Choice(*VALIDATORS, text=f"one of trainer.validators ({', '.join(VALIDATORS)} at most)"),
+                  "the validator that chooses checkpoints/best.pt"),
     "validators": Key(ListOf(Choice(*VALIDATORS), min_length=1, noun=", ".join(VALIDATORS)),
                       "label-free validators logged at every evaluation"),
     "validation_samples": Key(Integer(ge=2), "unlabelled samples per domain the validators look at"),
-    "ema": Key(Nullable(Number(gt=0, lt=1, text="a decay in (0, 1), e.g. 0.999"), "off"), "decay of an exponential moving average of the weights"),
+    "ema": Key(Nullable(Number(gt=0, lt=1, text="a decay in (0, 1), e.g. 0.999"), "off"),
+               "decay of an exponential moving average of the weights"),
     "ema_select": Key(Boolean(), "true: best.pt is chosen by the weight average's evaluation"),
     "progress": Key(Boolean(), "show the progress bar"),
     "analysis": Key(Boolean(), "at the end: proxy A-distance, t-SNE, projector, target ARI"),
@@ -273,7 +276,8 @@ def describe(value) -> str:
 def check_value(key: str, value) -> None:
     entry = SCHEMA.get(key)
     if entry is None:
-        raise UserError(f"{key} is not a key of da-run's config (schema: da_runner/schema.py), got {key}={describe(value)}")
+        raise UserError(f"{key} is not a key of da-run's config (schema: da_runner/schema.py), "
+                        f"got {key}={describe(value)}")
     if not entry.rule.allows(value):
         raise UserError(f"{key} must be {entry.rule.text}, got {describe(value)}")
 

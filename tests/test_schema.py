@@ -79,7 +79,8 @@ def test_every_rule_refuses_its_own_bad_values():
         assert not schema.SCHEMA[key].rule.allows(value), (key, value)
 
 
-@pytest.mark.parametrize("overrides, key, value", BAD_VALUES, ids=[f"{k}={schema.as_override(v)}" for _, k, v in BAD_VALUES])
+@pytest.mark.parametrize("overrides, key, value", BAD_VALUES,
+                         ids=[f"{key}={schema.as_override(value)}" for _, key, value in BAD_VALUES])
 def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value(overrides, key, value):
     """As the command line gives it: the value goes through Hydra's override parser first."""
     override = f"{key}={schema.as_override(value)}"
@@ -98,7 +99,8 @@ def test_every_key_refuses_a_wrong_type_and_an_out_of_range_value(overrides, key
     ("optim.momentum=-1", "optim.momentum must be a number >= 0, got -1"),
     ("data.seed=-3", "data.seed must be an integer >= 0, got -3"),
     ("backbone.domain_head=[0]", "backbone.domain_head must be a list of positive integers, got [0]"),
-    ("trainer.validators=[]", "trainer.validators must be a non-empty list of source_acc, entropy, im, snd, dev, got []"),
+    ("trainer.validators=[]",
+     "trainer.validators must be a non-empty list of source_acc, entropy, im, snd, dev, got []"),
 ])
 def test_a_bad_value_ends_da_run_with_one_line_before_anything_is_written(tmp_path, override, message):
     run_dir = tmp_path / "run"
