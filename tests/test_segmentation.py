@@ -137,6 +137,23 @@ def test_advent_losses_match_a_hand_computation():
     assert terms["loss_disc"].item() == pytest.approx(loss_disc.item(), rel=1e-4)
 
 
+def test_advent_with_one_pass_over_both_domains_normalises_them_together():
+    """method.separate_forward=false: one forward pass over source and target, so each BatchNorm layer
+    normalises (and updates its running statistics) once, with the statistics of both domains."""
+    joint, batch, ctx = _advent_and_batch("method.separate_forward=false")
+    with torch.no_grad():
+        logits = joint.classifier(joint.features(torch.cat([batch.x_s, batch.x_t])))
+    loss_seg = F.cross_entropy(logits[:2], batch.y_s)
+    first_bn = next(m for m in joint.features.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    tracked = first_bn.num_batches_tracked.item()
+    assert joint.step(batch, ctx)["loss_cls"].item() == pytest.approx(loss_seg.item(), rel=1e-4)
+    assert first_bn.num_batches_tracked.item() == tracked + 1
+    separate, batch, ctx = _advent_and_batch()  # the default: one pass per domain, two updates
+    first_bn = next(m for m in separate.features.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    separate.step(batch, ctx)
+    assert first_bn.num_batches_tracked.item() == 2
+
+
 def test_the_balance_term_over_pixels_aims_at_the_source_batch_class_shares():
     """Per pixel, a uniform aim would push the background (most pixels) towards 1 / C: the balance is the
     cross-entropy between the source batch's labelled-pixel class shares and the target's mean prediction."""

@@ -51,11 +51,17 @@ class AdvEnt(Method):
 
     def step(self, batch: Batch, ctx: StepContext):
         options = self.cfg.method
-        # One pass per domain, as the reference code: the domains' images may differ in size (GTA5 at
-        # 1280x720, Cityscapes at 1024x512), and each BatchNorm layer sees one domain at a time.
-        logits_s = self.classifier(self.features(batch.x_s))
-        logits_t = self.classifier(self.features(batch.x_t))
-        loss_seg = self.classification_loss(logits_s, batch.y_s)
+        if self.separate_forward:
+            # One pass per domain, as the reference code: the domains' images may differ in size (GTA5 at
+            # 1280x720, Cityscapes at 1024x512), and each BatchNorm layer sees one domain at a time.
+            logits_s = self.classifier(self.features(batch.x_s))
+            logits_t = self.classifier(self.features(batch.x_t))
+            loss_seg = self.classification_loss(logits_s, batch.y_s)
+        else:
+            # One pass over both domains: BatchNorm layers that train normalise with the statistics of the
+            # two domains together, the statistics their running averages, used in evaluation, converge to.
+            n_s, _, logits, loss_seg = self.forward_both(batch)
+            logits_s, logits_t = logits[:n_s], logits[n_s:]
         info_s, info_t = self_information(logits_s), self_information(logits_t)
 
         # The network: make the target's maps pass for source ones, D held fixed.
