@@ -185,12 +185,13 @@ class ListOf(Rule):
 class MapOf(Rule):
     """A mapping from the keys in `keys` (any key when None) to values that follow `value`."""
 
-    def __init__(self, value: Rule, keys: tuple[str, ...] | None = None):
-        self.value, self.keys = value, keys
-        self.text = f"a mapping {{{', '.join(keys) if keys else 'name'}: {value.text}}}"
+    def __init__(self, value: Rule, keys: tuple[str, ...] | None = None, non_empty: bool = False):
+        self.value, self.keys, self.non_empty = value, keys, non_empty
+        names = ", ".join(keys) if keys else "name"
+        self.text = f"a {'non-empty ' if non_empty else ''}mapping {{{names}: {value.text}}}"
 
     def allows(self, value) -> bool:
-        return (isinstance(value, (dict, DictConfig))
+        return (isinstance(value, (dict, DictConfig)) and (len(value) > 0 or not self.non_empty)
                 and all((self.keys is None or k in self.keys) and self.value.allows(v) for k, v in value.items()))
 
     def wrong_type(self):

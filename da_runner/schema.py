@@ -143,7 +143,7 @@ DATA = {
     "source_dir": Key(Nullable(Text()), "image_folder: the source folder"),
     "target_dir": Key(Nullable(Text()), "image_folder: the target folder"),
     "source_classes": Key(Nullable(CLASSES, "all"), "the source classes used"),
-    "target_classes": Key(Nullable(AnyOf(CLASSES, MapOf(AnyOf(Integer(ge=0), Text()))), "all"),
+    "target_classes": Key(Nullable(AnyOf(CLASSES, MapOf(AnyOf(Integer(ge=0), Text()), non_empty=True)), "all"),
                           "the target classes: a list, or a map {target class: source class}"),
     "setting": Key(Nullable(Choice(*SETTINGS), "inferred"), "closed | partial | open_set"),
     "unknown_threshold": Key(Number(gt=0, le=1), "open-set pairs: below this top probability a sample is unknown"),

@@ -121,8 +121,10 @@ def test_bad_subsets_end_with_one_clear_line(data, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.source_classes=[]", "data.source_classes must be null (all) or a non-empty list of class indices >= 0 or names, got []"),
-    ("data.target_classes=3", "data.target_classes must be null (all) or a non-empty list of class indices >= 0 or names or a mapping"),
+    ("data.source_classes=[]",
+     "data.source_classes must be null (all) or a non-empty list of class indices >= 0 or names, got []"),
+    ("data.target_classes=3",
+     "data.target_classes must be null (all) or a non-empty list of class indices >= 0 or names or a non-empty mapping"),
     ("data.setting=openset", "data.setting must be null (inferred) or one of closed, partial, open_set, got 'openset'"),
     ("data.unknown_threshold=1.5", "data.unknown_threshold must be a number in (0, 1], got 1.5"),
 ])
