@@ -165,8 +165,8 @@ class ListOf(Rule):
 
     def __init__(self, item: Rule, length: int | None = None, min_length: int = 0, noun: str | None = None):
         self.item, self.length, self.min_length = item, length, min_length
-        size = f"{length} " if length is not None else "a non-empty " if min_length else ""
-        self.text = f"a {size}list of {noun or item.text}".replace("a a ", "a ")
+        size = f"{length} " if length is not None else "non-empty " if min_length else ""
+        self.text = f"a {size}list of {noun or item.text}"
 
     def allows(self, value) -> bool:
         return (isinstance(value, (list, tuple, ListConfig)) and len(value) >= self.min_length

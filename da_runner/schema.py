@@ -233,29 +233,21 @@ METHOD = {
     "unknown_target": Key(Number(gt=0, lt=1), "OSBP: the unknown probability set on target samples"),
 }
 
-SCHEMA: dict[str, Key] = {
-    **TOP,
-    **{f"trainer.{k}": v for k, v in TRAINER.items()},
-    **{f"optim.{k}": v for k, v in OPTIM.items()},
-    **{f"grl.{k}": v for k, v in GRL.items()},
-    **{f"backbone.{k}": v for k, v in BACKBONE.items()},
-    **{f"data.{k}": v for k, v in DATA.items()},
-    **{f"method.{k}": v for k, v in METHOD.items()},
-}
-GROUPS_CHECKED = ("trainer", "optim", "grl", "backbone", "data", "method")
+BY_GROUP = {"trainer": TRAINER, "optim": OPTIM, "grl": GRL, "backbone": BACKBONE, "data": DATA, "method": METHOD}
+SCHEMA: dict[str, Key] = {**TOP, **{f"{group}.{k}": v for group, keys in BY_GROUP.items() for k, v in keys.items()}}
 
 
 def _leaves(node: DictConfig, prefix: str = ""):
     """(key, value) of every declared-or-not leaf of `node`; declared mappings count as one leaf."""
     for name in node.keys():
         key = f"{prefix}{name}"
-        value = node._get_node(name)
         if OmegaConf.is_missing(node, name):
             raise UserError(f"{key} has no value: set it on the command line ({key}=...)")
+        value = node[name]
         if isinstance(value, DictConfig) and key not in SCHEMA:
             yield from _leaves(value, key + ".")
         else:
-            yield key, node[name]
+            yield key, value
 
 
 def leaves(cfg: DictConfig):
@@ -263,7 +255,7 @@ def leaves(cfg: DictConfig):
     for key in TOP:
         if key in cfg:
             yield key, cfg[key]
-    for group in GROUPS_CHECKED:
+    for group in BY_GROUP:
         yield from _leaves(cfg[group], group + ".")
 
 

@@ -13,7 +13,7 @@ from da_runner.errors import UserError
 from da_runner.rules import NO_RANGE
 
 GROUPS = ("method", "data", "backbone", "grl", "optim", "trainer", "experiment")
-NEEDS = {"dirt_t": ["method.init_from=vada_run"]}  # DIRT-T (its method and experiments) starts from a VADA run
+FROM_VADA = ["method.init_from=vada_run"]  # DIRT-T (its method and experiments) starts from a VADA run
 
 
 def shipped_compositions() -> list[list[str]]:
@@ -21,20 +21,17 @@ def shipped_compositions() -> list[list[str]]:
     options = [[]]
     for group in GROUPS:
         for path in sorted((config_dir() / group).glob("*.yaml")):
-            options.append([f"{group}={path.stem}", *(NEEDS["dirt_t"] if "dirt_t" in path.stem else [])])
+            options.append([f"{group}={path.stem}", *(FROM_VADA if "dirt_t" in path.stem else [])])
     return options
 
 
-@pytest.fixture(scope="module")
-def composed():
-    """(overrides, composed config) of every shipped composition."""
-    with initialize_configs():
-        return [(overrides, compose("config", overrides=overrides)) for overrides in shipped_compositions()]
+with initialize_configs():  # (overrides, composed config) of every shipped composition, composed once
+    COMPOSED = [(overrides, compose("config", overrides=overrides)) for overrides in shipped_compositions()]
 
 
-def test_every_key_of_every_shipped_config_is_declared_and_its_value_allowed(composed):
+def test_every_key_of_every_shipped_config_is_declared_and_its_value_allowed():
     seen = set()
-    for overrides, cfg in composed:
+    for overrides, cfg in COMPOSED:
         before = OmegaConf.to_yaml(cfg)
         schema.check(cfg)
         assert OmegaConf.to_yaml(cfg) == before  # the schema checks the composition, it never changes it
@@ -56,13 +53,10 @@ def test_a_key_the_schema_does_not_know_is_refused():
 def bad_values():
     """(composition holding the key, key, bad value) for a wrong type and, where the rule has one, an
     out-of-range value of every declared key."""
-    cases = []
-    with initialize_configs():
-        first_holder = {}
-        for overrides in shipped_compositions():
-            cfg = compose("config", overrides=overrides)
-            for key, _ in schema.leaves(cfg):
-                first_holder.setdefault(key, overrides)
+    cases, first_holder = [], {}
+    for overrides, cfg in COMPOSED:
+        for key, _ in schema.leaves(cfg):
+            first_holder.setdefault(key, overrides)
     for key, overrides in first_holder.items():
         rule = schema.SCHEMA[key].rule
         cases.append((overrides, key, rule.wrong_type()))
