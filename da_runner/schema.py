@@ -114,6 +114,7 @@ BACKBONE = {
     "dropout": Key(DROPOUT, "dropout probability inside the network"),
     "noise": Key(Number(ge=0), "vada_small: std of the Gaussian noise after each dropout"),
     "input_norm": Key(Nullable(Choice("instance"), "none"), "instance: standardise each image per channel"),
+    "hypercolumns": Key(Boolean(), "fcn_digits: every stage's maps at the input's resolution (false: the last, upsampled)"),
     "bottleneck.width": Key(Nullable(POSITIVE_INT, "no bottleneck"), "Linear -> BatchNorm -> ReLU width"),
     "bottleneck.batch_norm": Key(Boolean(), "BatchNorm after the bottleneck's Linear"),
     "bottleneck.relu": Key(Boolean(), "ReLU after the bottleneck's Linear"),

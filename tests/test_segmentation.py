@@ -71,14 +71,38 @@ def test_segmentation_validators_and_method_checks():
         seg.check_method(method)
 
 
-def test_fcn_gives_feature_maps_and_the_head_upsamples_logits_to_the_input():
-    cfg = make_cfg(*TINY_SEG, "method=source_only")
+@pytest.mark.parametrize("hypercolumns, stride, width", [(True, 1, 4), (False, 2, 8)])
+def test_fcn_gives_feature_maps_and_the_head_upsamples_logits_to_the_input(hypercolumns, stride, width):
+    cfg = make_cfg(*TINY_SEG, "method=source_only", f"backbone.hypercolumns={str(hypercolumns).lower()}")
     features = build_features(cfg.backbone, (3, 64, 64))
-    assert features.output_stride == 2 and features.out_features == 8
-    assert features(torch.zeros(2, 3, 64, 64)).shape == (2, 8, 32, 32)
+    assert features.output_stride == stride and features.out_features == width
+    assert features(torch.zeros(2, 3, 64, 64)).shape == (2, width, 64 // stride, 64 // stride)
     method = build_method(cfg, (3, 64, 64), 11)
     f, logits = method.embed(torch.zeros(2, 3, 64, 64))
-    assert f.shape == (2, 8) and logits.shape == (2, 11, 64, 64)  # features averaged over positions
+    assert f.shape == (2, width) and logits.shape == (2, 11, 64, 64)  # features averaged over positions
+
+
+@pytest.mark.parametrize("hypercolumns", [True, False])
+def test_only_hypercolumns_resolve_strokes_one_pixel_wide(hypercolumns):
+    # Vertical lines one pixel wide, two pixels apart, at random offsets: finer than the 4-pixel cells of
+    # the last stage, so logits upsampled from it cannot follow them; the first stage's maps can.
+    torch.manual_seed(0)
+    cfg = make_cfg(*TINY_SEG, "method=source_only", "backbone.channels=[8,8,8]", "backbone.label_head=[]",
+                   f"backbone.hypercolumns={str(hypercolumns).lower()}")
+    method = build_method(cfg, (3, 32, 32), 2)
+    offsets = torch.randint(0, 2, (16,))
+    masks = ((torch.arange(32)[None, :] + offsets[:, None]) % 2).long()[:, None, :].expand(16, 32, 32)
+    images = masks[:, None].float().expand(16, 3, 32, 32).contiguous()
+    optimizer = torch.optim.Adam(method.parameters(), lr=0.01)
+    for _ in range(100):
+        loss = F.cross_entropy(method.classifier(method.features(images)), masks)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    method.eval()
+    with torch.no_grad():
+        accuracy = (method.classifier(method.features(images)).argmax(1) == masks).float().mean().item()
+    assert accuracy > 0.99 if hypercolumns else accuracy < 0.75
 
 
 def test_a_dense_backbone_refuses_a_bottleneck():

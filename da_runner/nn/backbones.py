@@ -448,38 +448,61 @@ class TimmBackbone(nn.Module):
 
 
 class FcnDigits(nn.Module):
-    """A small fully-convolutional network for the 64x64 segmentation digits (data=digits_seg): stages
-    of two 3x3 conv -> BatchNorm -> ReLU blocks, a 2x2 max-pool before every stage but the first. The
-    last stage's convolutions are dilated (rate 2), which widens the receptive field to a whole digit
-    without pooling further (DeepLab's way of keeping resolution). The features are maps of
-    `channels[-1]` at 1 / `output_stride` of the input's size (a quarter with the default three
-    stages); the label head (nn/heads.conv_head) upsamples its logits back to the input's size."""
+    """A small fully-convolutional network for the 64x64 segmentation digits (data=digits_seg).
+
+    Stages of two 3x3 conv -> BatchNorm -> ReLU blocks, a 2x2 max-pool before every stage but the
+    first; the last stage's convolutions are dilated (rate 2), which widens the receptive field to a
+    whole digit without pooling further (DeepLab's way of keeping resolution).
+
+    `hypercolumns: true` (the default): the features at each pixel are every stage's maps, upsampled
+    to the input's resolution and stacked (hypercolumns, Hariharan et al., CVPR 2015): the first
+    stage's say where a stroke is, the last stage's which digit it belongs to; `output_stride` is 1
+    and the features have sum(channels) channels. `false`: the last stage's maps alone, at
+    1 / 2 ** (stages - 1) of the input, which the label head upsamples. At stride 4 an MNIST stroke
+    (2 - 3 pixels wide) is thinner than one logit cell: even perfect quarter-resolution maps,
+    upsampled, recover only about half of the stroke pixels."""
 
     def __init__(self, input_shape: tuple[int, ...], cfg=None):
         super().__init__()
         _require_image("fcn_digits", input_shape, 16)
-        channels = [int(c) for c in (cfg.get("channels") if cfg is not None else None) or (16, 32, 64)]
+        options = cfg if cfg is not None else {}
+        channels = [int(c) for c in options.get("channels") or (16, 32, 64)]
         if not channels or min(channels) < 1:
             raise UserError(f"backbone.channels must be a list of positive widths, got {channels}")
-        layers: list[nn.Module] = []
+        self.stages = nn.ModuleList()
         width = input_shape[0]
         for stage, out in enumerate(channels):
-            if stage > 0:
-                layers.append(nn.MaxPool2d(2))
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if stage > 0 else []
             dilation = 2 if stage == len(channels) - 1 and stage > 0 else 1
             for _ in range(2):
                 layers += [nn.Conv2d(width, out, 3, padding=dilation, dilation=dilation, bias=False),
                            nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 width = out
-        self.net = nn.Sequential(*layers)
-        self.out_features = width
-        self.output_stride = 2 ** (len(channels) - 1)
-        if input_shape[1] % self.output_stride or input_shape[2] % self.output_stride:
-            raise UserError(f"backbone=fcn_digits needs image sides divisible by its output stride "
-                            f"{self.output_stride}, got {tuple(input_shape[1:])}")
+            self.stages.append(nn.Sequential(*layers))
+        self.hypercolumns = bool(options.get("hypercolumns", True))
+        # Each deeper stage's maps, projected to the first stage's width at their own resolution (cheaper
+        # than upsampling them whole), are upsampled and added to the first stage's.
+        self.projections = nn.ModuleList(nn.Conv2d(width_k, channels[0], 1, bias=False) for width_k in channels[1:]) \
+            if self.hypercolumns else None
+        self.merge = nn.Sequential(nn.BatchNorm2d(channels[0]), nn.ReLU(inplace=True)) if self.hypercolumns else None
+        self.out_features = channels[0] if self.hypercolumns else channels[-1]
+        pooled = 2 ** (len(channels) - 1)
+        self.output_stride = 1 if self.hypercolumns else pooled
+        if input_shape[1] % pooled or input_shape[2] % pooled:
+            raise UserError(f"backbone=fcn_digits pools its inputs by {pooled} ({len(channels)} stages): image sides must "
+                            f"be divisible by it, got {tuple(input_shape[1:])}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        size, maps = x.shape[-2:], []
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        if not self.hypercolumns:
+            return x
+        merged = maps[0]
+        for projection, deeper in zip(self.projections, maps[1:]):
+            merged = merged + nn.functional.interpolate(projection(deeper), size=size, mode="bilinear", align_corners=False)
+        return self.merge(merged)
 
 
 class GaussianNoise(nn.Module):
