@@ -201,11 +201,14 @@ class Run:
         # its stream: batches by index from memory, or decoded from files by DataLoader workers.
         # data.augment (none | weak | strong) applies to both domains' training batches; evaluation never augments.
         self.augment = cfg.data.get("augment")
+        invert = float(cfg.data.get("invert") or 0.0)  # data.invert: the chance of a training image's colours inverted
         # Read once, not every step: the augmentation levels of further views of each target batch the
         # method trains on (FixMatch's strong view, mean teacher's second view); usually none.
         self.target_views = tuple(method.extra_target_views)
-        self.source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1, augment=self.augment)
-        self.target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2, augment=self.augment)
+        self.source = pair.source_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 1,
+                                               augment=self.augment, invert=invert)
+        self.target = pair.target_train.stream(int(tcfg.batch_size), seed=2 * int(cfg.seed) + 2,
+                                               augment=self.augment, invert=invert)
         for stream in (self.source, self.target):  # several processes: each takes its share of every batch
             stream.order.shard(world.rank, world.size)
 

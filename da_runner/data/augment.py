@@ -19,6 +19,12 @@ Levels:
 
 Geometric operations are composed into one affine map per sample and applied first, by one
 `grid_sample` (bilinear, edges replicated); each colour operation then runs on the samples that drew it.
+
+`data.invert` (a probability, any level): each image's colours are inverted (x -> 1 - x) with that
+probability, after the level's operations. CTAugment, the policy of FixMatch's and AdaMatch's papers,
+lists the same operation; it teaches a network that a digit may be darker than its background, which a
+source of light strokes on black never shows (MNIST -> MNIST-M: a third of the target's digits are
+darker than the photo behind them).
 """
 
 import math
@@ -54,13 +60,25 @@ def check_level(level: str) -> str:
     return level
 
 
-def augment(x: torch.Tensor, level: str, seed: int) -> torch.Tensor:
-    """Augment float images `x` (N, C, H, W) in [0, 1] at `level`; the result stays in [0, 1]."""
-    if check_level(level) == "none":
+def augment(x: torch.Tensor, level: str, seed: int, invert: float = 0.0) -> torch.Tensor:
+    """Augment float images `x` (N, C, H, W) in [0, 1] at `level`, then invert each image's colours
+    with probability `invert`; the result stays in [0, 1]."""
+    if check_level(level) == "none" and invert <= 0:
         return x
-    n = len(x)
+    # Every draw happens on the CPU, in a fixed order: the same numbers on any device. The inversion
+    # draws last, so `invert=0` leaves every other draw of a seed as it was.
     generator = torch.Generator().manual_seed(seed)
-    # Every draw happens here, on the CPU, in a fixed order: the same numbers on any device.
+    if level != "none":
+        x = _augment_level(x, level, generator)
+    if invert > 0:
+        inverted = (torch.rand(len(x), generator=generator) < invert).view(-1, 1, 1, 1).to(x.device)
+        x = torch.where(inverted, 1.0 - x, x)
+    return x
+
+
+def _augment_level(x: torch.Tensor, level: str, generator: torch.Generator) -> torch.Tensor:
+    """`weak` or `strong` (the module docstring), drawing from `generator`."""
+    n = len(x)
     shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * WEAK_SHIFT
     if level == "weak":
         return apply_affine(x, affine_matrices(n, shift=shift))

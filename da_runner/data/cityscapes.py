@@ -188,9 +188,12 @@ class SegmentationFileDomain(FileDomain):
         an eighth of the bytes to copy)."""
         return y.to(self.device, non_blocking=True).long()
 
-    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, **kwargs) -> DataLoader:
+    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: float = 0.0,
+               **kwargs) -> DataLoader:
         """A DataLoader over the file pairs with the transform of `augment` (none: the evaluation's);
         kwargs choose the batches (batch_size or batch_sampler)."""
+        if invert > 0:
+            raise UserError("data.invert does not apply to segmentation file pairs; use data.invert=0")
         if views is not None:
             # Each view would flip and crop its label map differently, and a batch carries one label map.
             raise UserError("methods that train on several augmented views of each target batch (fixmatch, "
@@ -205,12 +208,13 @@ class SegmentationFileDomain(FileDomain):
         for x, y in self.loader(batch_size=batch_size):
             yield self.prepare(x), self.prepare_labels(y)
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "SegmentationBatchStream":
+    def stream(self, batch_size: int, seed: int, augment: str | None = None,
+               invert: float = 0.0) -> "SegmentationBatchStream":
         """Training batches; `augment` (data.augment: none | weak; None: none, ADVENT's recipe) picks
         the training transform (`segmentation_transform`)."""
         level = check_level(augment or "none")
         segmentation_transform(self.size, self.crop, level)  # refuses `strong` here, not in a worker
-        return SegmentationBatchStream(self, batch_size, seed, level)
+        return SegmentationBatchStream(self, batch_size, seed, level, invert)
 
 
 class SegmentationBatchStream(FileBatchStream):

@@ -42,10 +42,11 @@ def default_num_workers() -> int:
     return min(4, cores)
 
 
-def image_transform(image_size: int, resize: int, augment: str = "none"):
+def image_transform(image_size: int, resize: int, augment: str = "none", invert: float = 0.0):
     """PIL image -> (3, image_size, image_size) uint8 tensor. `augment` (data.augment): none, the
     evaluation's resize and centre crop; weak, a random resized crop and a horizontal flip; strong,
-    weak followed by torchvision's RandAugment (two operations at magnitude 9, as in its paper)."""
+    weak followed by torchvision's RandAugment (two operations at magnitude 9, as in its paper).
+    `invert` (data.invert, training only): the probability of inverting the image's colours last."""
     from torchvision.transforms import v2
 
     steps = [v2.Resize((resize, resize), antialias=True)]
@@ -55,7 +56,10 @@ def image_transform(image_size: int, resize: int, augment: str = "none"):
         steps += [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
         if augment == "strong":
             steps += [v2.RandAugment(num_ops=2, magnitude=9)]
-    return v2.Compose([*steps, v2.PILToTensor()])
+    steps += [v2.PILToTensor()]
+    if invert > 0:
+        steps += [v2.RandomInvert(p=invert)]
+    return v2.Compose(steps)
 
 
 def sample_seed(stream_seed: int, epoch: int, position: int) -> int:
@@ -181,13 +185,14 @@ class ImageFileDomain(FileDomain):
         index = index.cpu()
         return replace(self, files=self.files[index.numpy()], y=self.y[index] if labels is None else labels.cpu())
 
-    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, **kwargs) -> DataLoader:
-        """A DataLoader over the files with the transform of `augment` (none: the evaluation's), or
-        with one transform per level of `views`, whose batches are then (B, V, 3, H, W); kwargs
-        choose the batches (batch_size or batch_sampler)."""
-        view_transforms = None if views is None else [image_transform(self.image_size, self.resize, level)
+    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: float = 0.0,
+               **kwargs) -> DataLoader:
+        """A DataLoader over the files with the transform of `augment` (none and invert 0: the
+        evaluation's), or with one transform per level of `views`, whose batches are then
+        (B, V, 3, H, W); kwargs choose the batches (batch_size or batch_sampler)."""
+        view_transforms = None if views is None else [image_transform(self.image_size, self.resize, level, invert)
                                                      for level in views]
-        dataset = ImageFiles(self.files, self.y.numpy(), image_transform(self.image_size, self.resize, augment),
+        dataset = ImageFiles(self.files, self.y.numpy(), image_transform(self.image_size, self.resize, augment, invert),
                              self.resize, view_transforms)
         return DataLoader(dataset, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and self.device.type == "cuda",
@@ -199,10 +204,10 @@ class ImageFileDomain(FileDomain):
         for x, y in self.loader(batch_size=batch_size):
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "FileBatchStream":
-        """Training batches; `augment` (data.augment, None: weak, the random crop and flip) picks
-        the training transform (`image_transform`)."""
-        return FileBatchStream(self, batch_size, seed, check_level(augment or "weak"))
+    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert: float = 0.0) -> "FileBatchStream":
+        """Training batches; `augment` (data.augment, None: weak, the random crop and flip) and
+        `invert` (data.invert) pick the training transform (`image_transform`)."""
+        return FileBatchStream(self, batch_size, seed, check_level(augment or "weak"), invert)
 
 
 class FileBatchStream:
@@ -214,12 +219,12 @@ class FileBatchStream:
     the loaded position (the workers stay: they are persistent).
     """
 
-    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int, augment: str = "weak"):
-        self.domain = domain
+    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int, augment: str = "weak", invert: float = 0.0):
+        self.domain, self.invert = domain, invert
         # The sampler owns the position and the stream reaches it through the loader: no reference
         # cycle, so a dropped stream shuts its workers down at once rather than at a later GC pass.
         keys = _SampleKeys(EpochOrder(len(domain), batch_size, seed), seed)
-        self.loader = domain.loader(augment, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
+        self.loader = domain.loader(augment, invert=invert, batch_sampler=keys, persistent_workers=domain.num_workers > 0)
         self._batches = None  # the loader's iterator, started at the first draw
         self.last_index: torch.Tensor | None = None  # dataset indices of the batch handed out last
         self.views: tuple[str, ...] | None = None  # the levels the workers decode each sample at (next_views)
@@ -255,7 +260,7 @@ class FileBatchStream:
         levels = tuple(check_level(level) for level in levels)
         if levels != self.views:
             sampler = self.loader.batch_sampler
-            self.loader = self.domain.loader(views=levels, batch_sampler=sampler,
+            self.loader = self.domain.loader(views=levels, invert=self.invert, batch_sampler=sampler,
                                              persistent_workers=self.domain.num_workers > 0)
             self.views, self._batches = levels, None
         x, y = self._next_raw()

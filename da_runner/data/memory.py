@@ -77,9 +77,11 @@ class InMemoryDomain:
         uint8 to take an eighth of the memory)."""
         return self.y[index].long()
 
-    def augmented_batch(self, index: torch.Tensor, level: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at `index`, augmented at `level` with the draws of `seed`, then normalised."""
-        images = augment(self.x[index].float().div_(255.0), level, seed)
+    def augmented_batch(self, index: torch.Tensor, level: str, seed: int,
+                        invert: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index`, augmented at `level` (and inverted with probability `invert`) with
+        the draws of `seed`, then normalised."""
+        images = augment(self.x[index].float().div_(255.0), level, seed, invert)
         return (images - self._mean) / self._std, self.labels(index)
 
     def batches(self, batch_size: int):
@@ -88,14 +90,17 @@ class InMemoryDomain:
             index = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
             yield self.batch(index)
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None) -> "BatchStream":
-        """Training batches; `augment` (data.augment: none | weak | strong, None: none) is applied
-        on the device (da_runner/data/augment.py)."""
+    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert: float = 0.0) -> "BatchStream":
+        """Training batches; `augment` (data.augment: none | weak | strong, None: none) and `invert`
+        (data.invert) are applied on the device (da_runner/data/augment.py)."""
         level = check_level(augment or "none")
         if level != "none" and not self.is_image:
             raise UserError(f"data.augment={level} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
                             f"(use data.augment=none)")
-        return BatchStream(self, batch_size, seed, level)
+        if invert > 0 and not self.is_image:
+            raise UserError(f"data.invert={invert} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
+                            f"(use data.invert=0)")
+        return BatchStream(self, batch_size, seed, level, invert)
 
 
 def normalize_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -116,8 +121,8 @@ class BatchStream:
     `last_index` holds the dataset indices (on the domain's device) of the batch drawn last.
     """
 
-    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none"):
-        self.domain, self.seed, self.augment = domain, seed, augment
+    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none", invert: float = 0.0):
+        self.domain, self.seed, self.augment, self.invert = domain, seed, augment, float(invert)
         self.order = EpochOrder(len(domain), batch_size, seed)
         self.last_index: torch.Tensor | None = None
 
@@ -127,9 +132,9 @@ class BatchStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch, start = self.order.next_batch()
         index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
-        if self.augment == "none":
+        if self.augment == "none" and self.invert <= 0:
             return self.domain.batch(index)
-        return self.domain.augmented_batch(index, self.augment, batch_seed(self.seed, epoch, start))
+        return self.domain.augmented_batch(index, self.augment, batch_seed(self.seed, epoch, start), self.invert)
 
     def next_views(self, levels: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The next batch's samples once per augmentation level in `levels`, each view with draws of
@@ -140,7 +145,8 @@ class BatchStream:
                             "mean_teacher, method.fixmatch_weight > 0) need images; this data holds feature vectors")
         index, epoch, start = self.order.next_batch()
         index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
-        views = [self.domain.augmented_batch(index, check_level(level), batch_seed(self.seed, epoch, start, view))[0]
+        views = [self.domain.augmented_batch(index, check_level(level), batch_seed(self.seed, epoch, start, view),
+                                             self.invert)[0]
                  for view, level in enumerate(levels)]
         return views, self.domain.labels(index)
 
