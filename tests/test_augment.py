@@ -151,3 +151,60 @@ def test_file_transforms_by_level(tmp_path):
     assert all(torch.equal(x, evaluation) for x in none)  # none: the evaluation's centre crop
     assert len({x.numpy().tobytes() for x in weak}) == 6
     assert all(not torch.equal(w, s) for w, s in zip(weak, strong))  # RandAugment on top of the same crops
+
+
+def test_invert_flips_each_image_with_its_probability_and_leaves_other_draws_alone():
+    x = images(400)
+    assert torch.equal(augment(x.clone(), "none", seed=3, invert=1.0), 1 - x)
+    out = augment(x.clone(), "none", seed=3, invert=0.5)
+    inverted = [torch.allclose(o, 1 - i) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(a != b for a, b in zip(inverted, kept))  # each image is either inverted or untouched
+    assert 160 < sum(inverted) < 240  # about half of 400
+    assert torch.equal(out, augment(x.clone(), "none", seed=3, invert=0.5))
+    # The inversion draws after the level's operations: with invert 0 a seed augments as before, and
+    # with invert 1 it gives the same augmentation, inverted.
+    for level in ("weak", "strong"):
+        plain = augment(x.clone(), level, seed=9)
+        assert torch.equal(augment(x.clone(), level, seed=9, invert=0.0), plain)
+        assert torch.allclose(augment(x.clone(), level, seed=9, invert=1.0), 1 - plain)
+
+
+def test_an_inverting_stream_inverts_its_views_and_resumes_exactly():
+    domain = InMemoryDomain((images(40) * 255).to(torch.uint8), torch.arange(40))
+    x_plain, _ = next(domain.stream(8, seed=5))
+    x_inv, _ = next(domain.stream(8, seed=5, invert=1.0))
+    assert torch.allclose(domain.unnormalize(x_inv), 1 - domain.unnormalize(x_plain), atol=1e-6)
+    stream = domain.stream(8, seed=5, augment="weak", invert=0.5)
+    next(stream)
+    state = stream.state_dict()
+    ahead = [stream.next_views(("weak", "strong"))[0] for _ in range(6)]
+    other = domain.stream(8, seed=5, augment="weak", invert=0.5)
+    other.load_state_dict(state)
+    for views_a in ahead:
+        views_b = other.next_views(("weak", "strong"))[0]
+        assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))
+    with pytest.raises(UserError, match="data.invert=0.5 needs images"):
+        InMemoryDomain(torch.rand(10, 4), torch.arange(10)).stream(2, seed=0, invert=0.5)
+
+
+def test_invert_changes_training_and_is_checked(tmp_path):
+    args = [*TINY_DIGITS, "trainer.max_steps=4", "trainer.eval_every=4"]
+    train(make_cfg(*args), tmp_path / "plain")
+    train(make_cfg(*args, "data.invert=0.5"), tmp_path / "inverted")
+    w_plain = load_ckpt(tmp_path / "plain" / "checkpoints" / "last.pt")["method"]["modules"]
+    w_inv = load_ckpt(tmp_path / "inverted" / "checkpoints" / "last.pt")["method"]["modules"]
+    assert any(not torch.equal(w_plain[k], w_inv[k]) for k in w_plain)
+    with pytest.raises(UserError, match="data.invert"):
+        train(make_cfg(*args, "data.invert=1.5"), tmp_path / "bad")
+
+
+def test_file_transform_inverts_training_images_only(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    def sample(level, invert, seed=1):
+        return ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 20, level, invert), 20)[0, seed][0]
+    assert torch.equal(sample("none", 1.0), 255 - sample("none", 0.0))
+    assert torch.equal(sample("weak", 1.0), 255 - sample("weak", 0.0))  # the same crop, inverted
+    halves = [torch.equal(sample("none", 0.5, seed), sample("none", 0.0)) for seed in range(40)]
+    assert 5 < sum(halves) < 35
