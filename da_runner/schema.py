@@ -151,6 +151,7 @@ DATA = {
     "source_val_fraction": Key(Number(gt=0, lt=1), "held-out source data for label-free model selection"),
     "augment": Key(Choice(*AUGMENT_LEVELS), "training augmentation"),
     "invert": Key(Number(ge=0, le=1), "the probability of a training image's colours being inverted"),
+    "invert_channels": Key(Boolean(), "data.invert draws for each channel of an image separately"),
     "joint_augment": Key(Boolean(), "segmentation files: transforms move each label map with its image"),
     "channels": Key(Values(1, 3), "1 (grey) or 3 (RGB)"),
     "size": Key(POSITIVE_INT, "images are resized to size x size"),

@@ -20,6 +20,7 @@ from da_runner import validators as V
 from da_runner.analysis import log_decision_boundary, run_analysis
 from da_runner.config import differences, resolve_device, validate
 from da_runner.data import build_pair
+from da_runner.data.augment import Inversion
 from da_runner.ema import WeightAverage
 from da_runner.errors import UserError
 from da_runner.evaluation import ValidationData, evaluate
@@ -201,7 +202,7 @@ class Run:
         # its stream: batches by index from memory, or decoded from files by DataLoader workers.
         # data.augment (none | weak | strong) applies to both domains' training batches; evaluation never augments.
         self.augment = cfg.data.get("augment")
-        invert = float(cfg.data.get("invert") or 0.0)  # data.invert: the chance of a training image's colours inverted
+        invert = Inversion.from_config(cfg.data)  # data.invert(_channels): training images' colours inverted at random
         # Read once, not every step: the augmentation levels of further views of each target batch the
         # method trains on (FixMatch's strong view, mean teacher's second view); usually none.
         self.target_views = tuple(method.extra_target_views)

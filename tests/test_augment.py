@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from da_runner.data import InMemoryDomain
-from da_runner.data.augment import (COLOR_OPERATIONS, LEVELS, affine_matrices, apply_affine, augment, batch_seed,
-                                    cutout)
+from da_runner.data.augment import (COLOR_OPERATIONS, LEVELS, Inversion, affine_matrices, apply_affine, augment,
+                                    batch_seed, cutout)
 from da_runner.data.files import ImageFiles, image_transform
 from da_runner.errors import UserError
 from da_runner.trainer import train
@@ -155,37 +155,37 @@ def test_file_transforms_by_level(tmp_path):
 
 def test_invert_flips_each_image_with_its_probability_and_leaves_other_draws_alone():
     x = images(400)
-    assert torch.equal(augment(x.clone(), "none", seed=3, invert=1.0), 1 - x)
-    out = augment(x.clone(), "none", seed=3, invert=0.5)
+    assert torch.equal(augment(x.clone(), "none", seed=3, invert=Inversion(1.0)), 1 - x)
+    out = augment(x.clone(), "none", seed=3, invert=Inversion(0.5))
     inverted = [torch.allclose(o, 1 - i) for o, i in zip(out, x)]
     kept = [torch.equal(o, i) for o, i in zip(out, x)]
     assert all(a != b for a, b in zip(inverted, kept))  # each image is either inverted or untouched
     assert 160 < sum(inverted) < 240  # about half of 400
-    assert torch.equal(out, augment(x.clone(), "none", seed=3, invert=0.5))
+    assert torch.equal(out, augment(x.clone(), "none", seed=3, invert=Inversion(0.5)))
     # The inversion draws after the level's operations: with invert 0 a seed augments as before, and
     # with invert 1 it gives the same augmentation, inverted.
     for level in ("weak", "strong"):
         plain = augment(x.clone(), level, seed=9)
-        assert torch.equal(augment(x.clone(), level, seed=9, invert=0.0), plain)
-        assert torch.allclose(augment(x.clone(), level, seed=9, invert=1.0), 1 - plain)
+        assert torch.equal(augment(x.clone(), level, seed=9, invert=Inversion(0.0)), plain)
+        assert torch.allclose(augment(x.clone(), level, seed=9, invert=Inversion(1.0)), 1 - plain)
 
 
 def test_an_inverting_stream_inverts_its_views_and_resumes_exactly():
     domain = InMemoryDomain((images(40) * 255).to(torch.uint8), torch.arange(40))
     x_plain, _ = next(domain.stream(8, seed=5))
-    x_inv, _ = next(domain.stream(8, seed=5, invert=1.0))
+    x_inv, _ = next(domain.stream(8, seed=5, invert=Inversion(1.0)))
     assert torch.allclose(domain.unnormalize(x_inv), 1 - domain.unnormalize(x_plain), atol=1e-6)
-    stream = domain.stream(8, seed=5, augment="weak", invert=0.5)
+    stream = domain.stream(8, seed=5, augment="weak", invert=Inversion(0.5))
     next(stream)
     state = stream.state_dict()
     ahead = [stream.next_views(("weak", "strong"))[0] for _ in range(6)]
-    other = domain.stream(8, seed=5, augment="weak", invert=0.5)
+    other = domain.stream(8, seed=5, augment="weak", invert=Inversion(0.5))
     other.load_state_dict(state)
     for views_a in ahead:
         views_b = other.next_views(("weak", "strong"))[0]
         assert all(torch.equal(a, b) for a, b in zip(views_a, views_b))
     with pytest.raises(UserError, match="data.invert=0.5 needs images"):
-        InMemoryDomain(torch.rand(10, 4), torch.arange(10)).stream(2, seed=0, invert=0.5)
+        InMemoryDomain(torch.rand(10, 4), torch.arange(10)).stream(2, seed=0, invert=Inversion(0.5))
 
 
 def test_invert_changes_training_and_is_checked(tmp_path):
@@ -202,9 +202,30 @@ def test_invert_changes_training_and_is_checked(tmp_path):
 def test_file_transform_inverts_training_images_only(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
-    def sample(level, invert, seed=1):
-        return ImageFiles(np.array([str(path)]), np.array([0]), image_transform(16, 20, level, invert), 20)[0, seed][0]
+    def sample(level, invert, seed=1, per_channel=False):
+        transform = image_transform(16, 20, level, Inversion(invert, per_channel))
+        return ImageFiles(np.array([str(path)]), np.array([0]), transform, 20)[0, seed][0]
     assert torch.equal(sample("none", 1.0), 255 - sample("none", 0.0))
     assert torch.equal(sample("weak", 1.0), 255 - sample("weak", 0.0))  # the same crop, inverted
     halves = [torch.equal(sample("none", 0.5, seed), sample("none", 0.0)) for seed in range(40)]
     assert 5 < sum(halves) < 35
+    # Per channel: each channel is either the plain one or its inverse, and they do not all agree.
+    plain = sample("none", 0.0)
+    mixed = 0
+    for seed in range(20):
+        x = sample("none", 0.5, seed, per_channel=True)
+        flags = [torch.equal(x[c], 255 - plain[c]) for c in range(3)]
+        assert all(flag or torch.equal(x[c], plain[c]) for c, flag in enumerate(flags))
+        mixed += len(set(flags)) == 2
+    assert mixed > 5
+
+
+def test_per_channel_inversion_draws_each_channel():
+    x = images(200)
+    out = augment(x.clone(), "none", seed=4, invert=Inversion(0.5, per_channel=True))
+    flags = torch.tensor([[torch.allclose(out[i, c], 1 - x[i, c]) for c in range(3)] for i in range(200)])
+    kept = torch.tensor([[torch.equal(out[i, c], x[i, c]) for c in range(3)] for i in range(200)])
+    assert (flags ^ kept).all()  # every channel is inverted or left as it was
+    mixed = flags.any(1) & ~flags.all(1)
+    assert 100 < int(mixed.sum()) < 200  # 3/4 of the images expected mixed
+    assert torch.equal(augment(x.clone(), "none", seed=4, invert=Inversion(1.0, per_channel=True)), 1 - x)

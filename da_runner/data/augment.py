@@ -24,10 +24,14 @@ Geometric operations are composed into one affine map per sample and applied fir
 probability, after the level's operations. CTAugment, the policy of FixMatch's and AdaMatch's papers,
 lists the same operation; it teaches a network that a digit may be darker than its background, which a
 source of light strokes on black never shows (MNIST -> MNIST-M: a third of the target's digits are
-darker than the photo behind them).
+darker than the photo behind them). With `data.invert_channels` each channel draws its own inversion,
+so a stroke may be lighter than the background in one channel and darker in another, as in 14 % of
+MNIST-M's test digits: a network that learnt to add up the channels of grey digits cancels such a
+stroke out.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +51,25 @@ MAX_ENHANCE = 0.9      # brightness / colour / contrast / sharpness factors lie 
 MAX_CUTOUT = 0.5       # largest Cutout side, as a fraction of the image side
 
 
+@dataclass(frozen=True)
+class Inversion:
+    """`data.invert` (the probability of inverting an image's colours) and `data.invert_channels`
+    (true: each channel draws its own inversion). False when it never inverts."""
+
+    probability: float = 0.0
+    per_channel: bool = False
+
+    def __bool__(self) -> bool:
+        return self.probability > 0
+
+    @classmethod
+    def from_config(cls, data_cfg) -> "Inversion":
+        return cls(float(data_cfg.get("invert") or 0.0), bool(data_cfg.get("invert_channels", False)))
+
+
+NO_INVERSION = Inversion()
+
+
 def batch_seed(stream_seed: int, epoch: int, position: int, view: int = 0) -> int:
     """The seed of the augmentation of the batch that starts at `position` of epoch `epoch` (`view`:
     which of several augmented views of the same batch)."""
@@ -60,18 +83,19 @@ def check_level(level: str) -> str:
     return level
 
 
-def augment(x: torch.Tensor, level: str, seed: int, invert: float = 0.0) -> torch.Tensor:
-    """Augment float images `x` (N, C, H, W) in [0, 1] at `level`, then invert each image's colours
-    with probability `invert`; the result stays in [0, 1]."""
-    if check_level(level) == "none" and invert <= 0:
+def augment(x: torch.Tensor, level: str, seed: int, invert: Inversion = NO_INVERSION) -> torch.Tensor:
+    """Augment float images `x` (N, C, H, W) in [0, 1] at `level`, then invert the colours of each
+    image (or each channel) with `invert`'s probability; the result stays in [0, 1]."""
+    if check_level(level) == "none" and not invert:
         return x
     # Every draw happens on the CPU, in a fixed order: the same numbers on any device. The inversion
-    # draws last, so `invert=0` leaves every other draw of a seed as it was.
+    # draws last, so without it every other draw of a seed is what it was.
     generator = torch.Generator().manual_seed(seed)
     if level != "none":
         x = _augment_level(x, level, generator)
-    if invert > 0:
-        inverted = (torch.rand(len(x), generator=generator) < invert).view(-1, 1, 1, 1).to(x.device)
+    if invert:
+        draws = torch.rand(len(x), x.shape[1] if invert.per_channel else 1, generator=generator)
+        inverted = (draws < invert.probability).view(len(x), -1, 1, 1).to(x.device)
         x = torch.where(inverted, 1.0 - x, x)
     return x
 

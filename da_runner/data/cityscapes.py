@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from da_runner.data.augment import check_level
+from da_runner.data.augment import NO_INVERSION, Inversion, check_level
 from da_runner.data.classes import LabelSpace
 from da_runner.data.domain import DomainPair, validation_size
 from da_runner.data.files import FileBatchStream, FileDomain, ImageFiles, default_num_workers
@@ -188,11 +188,11 @@ class SegmentationFileDomain(FileDomain):
         an eighth of the bytes to copy)."""
         return y.to(self.device, non_blocking=True).long()
 
-    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: float = 0.0,
+    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: Inversion = NO_INVERSION,
                **kwargs) -> DataLoader:
         """A DataLoader over the file pairs with the transform of `augment` (none: the evaluation's);
         kwargs choose the batches (batch_size or batch_sampler)."""
-        if invert > 0:
+        if invert:
             raise UserError("data.invert does not apply to segmentation file pairs; use data.invert=0")
         if views is not None:
             # Each view would flip and crop its label map differently, and a batch carries one label map.
@@ -209,7 +209,7 @@ class SegmentationFileDomain(FileDomain):
             yield self.prepare(x), self.prepare_labels(y)
 
     def stream(self, batch_size: int, seed: int, augment: str | None = None,
-               invert: float = 0.0) -> "SegmentationBatchStream":
+               invert: Inversion = NO_INVERSION) -> "SegmentationBatchStream":
         """Training batches; `augment` (data.augment: none | weak; None: none, ADVENT's recipe) picks
         the training transform (`segmentation_transform`)."""
         level = check_level(augment or "none")

@@ -40,10 +40,11 @@ class Domain(Protocol):
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential (inputs, labels) batches over the whole split, without augmentation (evaluation)."""
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert: float = 0.0) -> "BatchSource":
+    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert=None) -> "BatchSource":
         """A never-ending stream of random training batches (see `EpochOrder`), augmented at level
         `augment` (data.augment: none | weak | strong; None: the domain's default), each image's
-        colours inverted with probability `invert` (data.invert)."""
+        colours inverted by `invert` (an `augment.Inversion`: data.invert, data.invert_channels;
+        None: never)."""
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Network inputs back to [0, 1] images (for pictures in TensorBoard)."""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from da_runner.data.augment import check_level
+from da_runner.data.augment import NO_INVERSION, Inversion, check_level
 from da_runner.data.domain import EpochOrder, sample_index
 from da_runner.data.memory import normalize_images, unnormalize_images
 
@@ -42,11 +42,11 @@ def default_num_workers() -> int:
     return min(4, cores)
 
 
-def image_transform(image_size: int, resize: int, augment: str = "none", invert: float = 0.0):
+def image_transform(image_size: int, resize: int, augment: str = "none", invert: Inversion = NO_INVERSION):
     """PIL image -> (3, image_size, image_size) uint8 tensor. `augment` (data.augment): none, the
     evaluation's resize and centre crop; weak, a random resized crop and a horizontal flip; strong,
     weak followed by torchvision's RandAugment (two operations at magnitude 9, as in its paper).
-    `invert` (data.invert, training only): the probability of inverting the image's colours last."""
+    `invert` (data.invert, data.invert_channels; training only) inverts the colours last."""
     from torchvision.transforms import v2
 
     steps = [v2.Resize((resize, resize), antialias=True)]
@@ -57,9 +57,21 @@ def image_transform(image_size: int, resize: int, augment: str = "none", invert:
         if augment == "strong":
             steps += [v2.RandAugment(num_ops=2, magnitude=9)]
     steps += [v2.PILToTensor()]
-    if invert > 0:
-        steps += [v2.RandomInvert(p=invert)]
+    if invert:
+        steps += [ChannelInvert(invert.probability) if invert.per_channel else v2.RandomInvert(p=invert.probability)]
     return v2.Compose(steps)
+
+
+class ChannelInvert:
+    """Inverts each channel of a uint8 image tensor (C, H, W) with probability `p`, drawing from the
+    global CPU generator (seeded per sample by `ImageFiles.seeded`)."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        inverted = (torch.rand(x.shape[0]) < self.p).view(-1, 1, 1)
+        return torch.where(inverted, 255 - x, x)
 
 
 def sample_seed(stream_seed: int, epoch: int, position: int) -> int:
@@ -185,9 +197,9 @@ class ImageFileDomain(FileDomain):
         index = index.cpu()
         return replace(self, files=self.files[index.numpy()], y=self.y[index] if labels is None else labels.cpu())
 
-    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: float = 0.0,
+    def loader(self, augment: str = "none", views: tuple[str, ...] | None = None, invert: Inversion = NO_INVERSION,
                **kwargs) -> DataLoader:
-        """A DataLoader over the files with the transform of `augment` (none and invert 0: the
+        """A DataLoader over the files with the transform of `augment` (none, no inversion: the
         evaluation's), or with one transform per level of `views`, whose batches are then
         (B, V, 3, H, W); kwargs choose the batches (batch_size or batch_sampler)."""
         view_transforms = None if views is None else [image_transform(self.image_size, self.resize, level, invert)
@@ -204,7 +216,8 @@ class ImageFileDomain(FileDomain):
         for x, y in self.loader(batch_size=batch_size):
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert: float = 0.0) -> "FileBatchStream":
+    def stream(self, batch_size: int, seed: int, augment: str | None = None,
+               invert: Inversion = NO_INVERSION) -> "FileBatchStream":
         """Training batches; `augment` (data.augment, None: weak, the random crop and flip) and
         `invert` (data.invert) pick the training transform (`image_transform`)."""
         return FileBatchStream(self, batch_size, seed, check_level(augment or "weak"), invert)
@@ -219,7 +232,8 @@ class FileBatchStream:
     the loaded position (the workers stay: they are persistent).
     """
 
-    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int, augment: str = "weak", invert: float = 0.0):
+    def __init__(self, domain: ImageFileDomain, batch_size: int, seed: int, augment: str = "weak",
+                 invert: Inversion = NO_INVERSION):
         self.domain, self.invert = domain, invert
         # The sampler owns the position and the stream reaches it through the loader: no reference
         # cycle, so a dropped stream shuts its workers down at once rather than at a later GC pass.

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from da_runner.data.augment import augment, batch_seed, check_level
+from da_runner.data.augment import NO_INVERSION, Inversion, augment, batch_seed, check_level
 from da_runner.data.domain import EpochOrder, sample_index, validation_size
 from da_runner.errors import UserError
 
@@ -78,8 +78,8 @@ class InMemoryDomain:
         return self.y[index].long()
 
     def augmented_batch(self, index: torch.Tensor, level: str, seed: int,
-                        invert: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The samples at `index`, augmented at `level` (and inverted with probability `invert`) with
+                        invert: Inversion = NO_INVERSION) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples at `index`, augmented at `level` (and inverted by `invert`) with
         the draws of `seed`, then normalised."""
         images = augment(self.x[index].float().div_(255.0), level, seed, invert)
         return (images - self._mean) / self._std, self.labels(index)
@@ -90,15 +90,16 @@ class InMemoryDomain:
             index = torch.arange(start, min(start + batch_size, len(self)), device=self.x.device)
             yield self.batch(index)
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert: float = 0.0) -> "BatchStream":
+    def stream(self, batch_size: int, seed: int, augment: str | None = None,
+               invert: Inversion = NO_INVERSION) -> "BatchStream":
         """Training batches; `augment` (data.augment: none | weak | strong, None: none) and `invert`
         (data.invert) are applied on the device (da_runner/data/augment.py)."""
         level = check_level(augment or "none")
         if level != "none" and not self.is_image:
             raise UserError(f"data.augment={level} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
                             f"(use data.augment=none)")
-        if invert > 0 and not self.is_image:
-            raise UserError(f"data.invert={invert} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
+        if invert and not self.is_image:
+            raise UserError(f"data.invert={invert.probability} needs images; this data holds {tuple(self.x.shape[1:])} feature vectors "
                             f"(use data.invert=0)")
         return BatchStream(self, batch_size, seed, level, invert)
 
@@ -121,8 +122,9 @@ class BatchStream:
     `last_index` holds the dataset indices (on the domain's device) of the batch drawn last.
     """
 
-    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none", invert: float = 0.0):
-        self.domain, self.seed, self.augment, self.invert = domain, seed, augment, float(invert)
+    def __init__(self, domain: InMemoryDomain, batch_size: int, seed: int, augment: str = "none",
+                 invert: Inversion = NO_INVERSION):
+        self.domain, self.seed, self.augment, self.invert = domain, seed, augment, invert
         self.order = EpochOrder(len(domain), batch_size, seed)
         self.last_index: torch.Tensor | None = None
 
@@ -132,7 +134,7 @@ class BatchStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index, epoch, start = self.order.next_batch()
         index = self.last_index = index.to(self.domain.x.device, non_blocking=True)
-        if self.augment == "none" and self.invert <= 0:
+        if self.augment == "none" and not self.invert:
             return self.domain.batch(index)
         return self.domain.augmented_batch(index, self.augment, batch_seed(self.seed, epoch, start), self.invert)
 
