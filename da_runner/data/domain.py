@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from da_runner.data.augment import NO_INVERSION, Inversion
 from da_runner.data.classes import LabelSpace, default_class_names
 
 
@@ -40,11 +41,11 @@ class Domain(Protocol):
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential (inputs, labels) batches over the whole split, without augmentation (evaluation)."""
 
-    def stream(self, batch_size: int, seed: int, augment: str | None = None, invert=None) -> "BatchSource":
+    def stream(self, batch_size: int, seed: int, augment: str | None = None,
+               invert: Inversion = NO_INVERSION) -> "BatchSource":
         """A never-ending stream of random training batches (see `EpochOrder`), augmented at level
         `augment` (data.augment: none | weak | strong; None: the domain's default), each image's
-        colours inverted by `invert` (an `augment.Inversion`: data.invert, data.invert_channels;
-        None: never)."""
+        colours inverted by `invert` (data.invert, data.invert_channels)."""
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Network inputs back to [0, 1] images (for pictures in TensorBoard)."""
